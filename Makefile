@@ -1,0 +1,42 @@
+# bpfree: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Offline data lives beside the checkout (../shared/data); override with BPFREE_DATA=/path.
+export BPFREE_DATA ?= $(abspath ../shared/data)
+export NLTK_DATA ?= $(BPFREE_DATA)/nltk_data
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install bpfree with its dependencies
+
+run: install ## train the default experiment (backprop, seed MLP, MNIST)
+	$(PY) run.py
+
+test: install ## fast test suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest
+
+test-slow: install ## slower checks (full datasets, longer training)
+	$(PY) -m pytest -m slow
+
+tables: install ## rebuild results/tables/ from the committed records (no training)
+	$(PY) -m bpfree.tables
+
+bench: install ## step time of every method relative to backprop -> results/bench/
+	$(PY) scripts/bench.py
+
+lint: install ## byte-compile everything (syntax) and check the configs compose
+	$(PY) -m compileall -q bpfree scripts run.py tests
+	$(PY) -m pytest -q tests/test_config.py
+
+.PHONY: help install run test test-slow tables bench lint

@@ -1,0 +1,19 @@
+"""Learning rules. Each file registers its rules in `bpfree.registry.RULES` under the config name
+(`method=bp` <-> conf/method/bp.yaml <-> @RULES.register("bp"))."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from bpfree.registry import RULES
+from bpfree.rules.base import LearningRule
+
+
+def build_rule(name: str, model, loss_fn, **kwargs) -> LearningRule:
+    return RULES.get(name)(model, loss_fn, **kwargs)
+
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["LearningRule", "build_rule", "RULES"]

@@ -1,0 +1,51 @@
+"""The learning-rule interface: how a model learns.
+
+The training loop knows only `train_step`, `predict`, `diagnostics`, `param_counts` and the
+nn.Module protocol (state_dict, .to, .train/.eval). It never asks which rule it is running.
+
+- Rules that only change how gradients flow (feedback alignment, Kolen-Pollack, abstraction
+  matrices) keep the default step and rewire the backward pass at construction (autograd Functions,
+  hooks on `model.blocks`).
+- Rules with local losses or extra modules (target propagation, associated learning, synthetic
+  gradients, auxiliary activations) override `train_step` (and `predict` where inference differs)
+  and hold their extra modules as submodules, so `.to(device)`, `state_dict()` and checkpoints
+  cover them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LearningRule(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """One update on a mini-batch. Returns detached scalars; 'loss' (the task loss) is required
+        and is what the loop checks for NaN/inf. Default: ordinary autograd."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""
+        return self.model(x)
+
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Per-epoch measurements on a fixed held-out batch (e.g. alignment with the true gradient).
+        Must leave parameters and .grad as it found them."""
+        return {}
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts reported in the record. 'total' counts every trainable parameter the
+        rule owns; rules with parameters outside the inference path also report 'effective'."""
+        return {"total": sum(p.numel() for p in self.parameters() if p.requires_grad)}

@@ -1,0 +1,157 @@
+"""fit(): the one training loop. It knows only the LearningRule interface, never the rule's name."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from bpfree.data import Splits, batches
+from bpfree.rules import LearningRule
+
+
+@dataclass
+class FitResult:
+    status: str                 # "ok" | "diverged"
+    per_epoch: list[dict]
+    train_seconds: float        # optimisation time only (evaluation excluded)
+    samples_seen: int
+    message: str = ""
+    resumed_from_epoch: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+def make_optimizer(params, name: str, lr: float, scheduler=None, **kw):
+    """Returns (optimizer, scheduler or None, scheduler interval 'epoch'|'step')."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if name not in kinds:
+        raise ValueError(f"unknown optim.name {name!r}; valid: {sorted(kinds)}")
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    opt = kinds[name](params, lr=lr, **kw)
+    if scheduler is None:
+        return opt, None, "epoch"
+    sched = dict(scheduler)
+    kind = sched.pop("name")
+    interval = sched.pop("interval", "epoch")
+    if kind == "multistep":
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, **sched), interval
+    raise ValueError(f"unknown optim.scheduler.name {kind!r}; valid: ['multistep']")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    rule: LearningRule,
+    task,
+    data: Splits,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    *,
+    scheduler_interval: str = "epoch",
+    epochs: int,
+    batch_size: int,
+    eval_batch_size: int = 1000,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    check_every: int = 50,
+    probe_size: int = 256,
+    max_steps_per_epoch: int | None = None,
+    augment: Callable | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    device = torch.device(device)
+    train, test = data.train.to(device), data.test.to(device)
+    # fixed held-out batch for the rule's per-epoch diagnostics (alignment with the true gradient, ...)
+    probe_x, probe_y = test.x[:probe_size], test.y[:probe_size]
+    history: list[dict] = []
+    train_seconds, samples, start_epoch = 0.0, 0, 0
+    ckpt = Path(checkpoint_path) / "last.pt" if checkpoint_path else None
+
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        rule.load_state_dict(state["rule"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        history, train_seconds, samples = state["history"], state["train_seconds"], state["samples"]
+        start_epoch = state["epoch"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        print(f"resumed from {ckpt} at epoch {start_epoch}/{epochs}")
+
+    for epoch in range(start_epoch, epochs):
+        rule.train()
+        sums: dict[str, torch.Tensor] = {}
+        n_batches, bad = 0, None
+        t0 = time.perf_counter()
+        it = batches(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment)
+        total = math.ceil(len(train) / batch_size)
+        if max_steps_per_epoch:
+            total = min(total, max_steps_per_epoch)
+        bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for step, (x, y) in enumerate(bar):
+            if max_steps_per_epoch and step >= max_steps_per_epoch:
+                break
+            out = rule.train_step(x, y, optimizer)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+            samples += len(y)
+            if scheduler is not None and scheduler_interval == "step":
+                scheduler.step()
+            if (step + 1) % check_every == 0:
+                loss_now = float(out["loss"])
+                if not math.isfinite(loss_now):
+                    bad = f"loss became {loss_now} at epoch {epoch + 1}, step {step + 1}"
+                    break
+                bar.set_postfix(loss=f"{loss_now:.4f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t0
+        means = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
+        if bad is None and not math.isfinite(means.get("train_loss", 0.0)):
+            bad = f"mean training loss of epoch {epoch + 1} is {means['train_loss']}"
+        if bad is not None:
+            msg = (f"diverged: {bad}. Lower optim.lr, or check the inputs; "
+                   "the epochs before it are kept in the record")
+            print(msg)
+            return FitResult("diverged", history, train_seconds, samples, msg, start_epoch)
+
+        rule.eval()
+        metrics = task.evaluate(rule.predict, test, eval_batch_size)
+        diag = rule.diagnostics(probe_x, probe_y)
+        entry = {"epoch": epoch + 1, **means, **metrics, **diag,
+                 "epoch_train_seconds": time.perf_counter() - t0}
+        history.append(entry)
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "epoch" and isinstance(v, float))
+            print(f"epoch {epoch + 1}/{epochs}: {shown}")
+        if ckpt is not None:
+            _atomic_torch_save({
+                "rule": rule.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
+                "samples": samples, "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }, ckpt)
+        if on_epoch is not None:
+            on_epoch(entry)
+    return FitResult("ok", history, train_seconds, samples, "", start_epoch)
