@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from bpfree.registry import RULES
-from bpfree.rules.base import LearningRule
+from bpfree.rules.base import LearningRule, UnsupportedModel
 
 
 def build_rule(name: str, model, loss_fn, **kwargs) -> LearningRule:
@@ -16,4 +16,4 @@ def build_rule(name: str, model, loss_fn, **kwargs) -> LearningRule:
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["LearningRule", "build_rule", "RULES"]
+__all__ = ["LearningRule", "UnsupportedModel", "build_rule", "RULES"]

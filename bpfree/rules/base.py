@@ -21,6 +21,11 @@ from torch import nn
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class UnsupportedModel(TypeError):
+    """Raised at construction by a rule that cannot train the given model; the message names the
+    model and what the rule needs (e.g. 'tp needs a model whose blocks are Linear layers')."""
+
+
 class LearningRule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
