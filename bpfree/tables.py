@@ -145,6 +145,52 @@ def _plot_curves(paper: str, table: str, spec: dict, records: list[dict], path: 
     return True
 
 
+def _plot_diagnostics(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
+    """Per-epoch rule diagnostics (e.g. abs_cos_l2-l4: cosine between the rule's gradient and the true
+    one): one subplot per (diagnostic key, column), one line per row (method), mean over seeds.
+    Plotted keys are those starting with a prefix listed in the table spec's `diagnostics`."""
+    prefixes = tuple(spec.get("diagnostics", []))
+    if not prefixes:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)  # (key, column, row)
+    for r in records:
+        keys = {k for e in r["metrics"]["per_epoch"] for k in e if k.startswith(prefixes)}
+        for k in keys:
+            series[(k, r["column"], f"{r['row']} [{r['scale']}]")].append(
+                [e[k] for e in r["metrics"]["per_epoch"] if k in e])
+    if not series:
+        return False
+    keys = sorted({k for k, _, _ in series})
+    cols = [c for c in spec.get("columns", []) if any(c == col for _, col, _ in series)]
+    cols += sorted({c for _, c, _ in series} - set(cols))
+    fig, axes = plt.subplots(len(keys), len(cols), figsize=(4.2 * len(cols), 2.8 * len(keys)), squeeze=False)
+    for i, k in enumerate(keys):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            for (kk, cc, row), runs in sorted(series.items()):
+                if (kk, cc) != (k, c):
+                    continue
+                n = min(len(s) for s in runs)
+                ax.plot(range(1, n + 1), [sum(s[t] for s in runs) / len(runs) for t in range(n)],
+                        marker="o", ms=3, label=f"{row} (n={len(runs)})")
+            ax.set_title(f"{c}: {k}", fontsize=8)
+            ax.set_xlabel("epoch", fontsize=7)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if ax.lines:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"{paper} {table}: rule diagnostics per epoch (probe batch; mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -189,6 +235,9 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
         figure = ""
         if plots and recs and _plot_curves(paper, table, spec, recs, stem.with_suffix(".png")):
             figure = f"\n\n![learning curves]({stem.name}.png)\n"
+        diag = stem.parent / f"{stem.name}__diagnostics.png"
+        if plots and recs and _plot_diagnostics(paper, table, spec, recs, diag):
+            figure += f"\n![rule diagnostics]({diag.name})\n"
         _atomic_write(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
         written.append(stem.with_suffix(".md"))
     return written

@@ -71,9 +71,13 @@ def bench_case(case: Case, device: torch.device, methods: list[str], steps: int)
         except UnsupportedModel as e:
             print(f"  {name:28s} skipped: {e}")
             continue
-        for _ in range(5):  # warm-up (allocator, lazy init, derived matrices)
-            bp.train_step(x, y, bp_opt)
-            rule.train_step(x, y, opt)
+        try:
+            for _ in range(5):  # warm-up (allocator, lazy init, derived matrices)
+                bp.train_step(x, y, bp_opt)
+                rule.train_step(x, y, opt)
+        except ValueError as e:  # a configuration this model cannot take, e.g. M = I across unequal widths
+            print(f"  {name:28s} skipped: {str(e).splitlines()[0]}")
+            continue
         t_bp, t_rule = [], []
         for _ in range(steps):
             t_bp.append(_time_steps(bp, x, y, bp_opt, device))
