@@ -39,6 +39,8 @@ class Case:
 
 CASES = [
     Case("mlp_mnist_b64", "mlp", (1, 28, 28), 10, 64),  # abstracted-gradients §4.1 setting
+    Case("cnn_cifar_b128", "cnn", (3, 32, 32), 10, 128, steps=10),  # associated-learning §5.2 vanilla CNN
+    Case("resnet20_cifar_b128", "resnet20", (3, 32, 32), 10, 128, steps=10),  # feedback rules on ResNet-20
 ]
 
 

@@ -164,6 +164,12 @@ def is_available(name: str, root: str | os.PathLike) -> bool:
     return all((Path(root) / f).is_file() for f in VISION[name].files)
 
 
+def fixed_subset(n: int, k: int) -> torch.Tensor:
+    """Indices of a fixed random draw of k of n samples (seed 0), in their original order. Not the first
+    k: the JPEG copy of CIFAR-10 is stored class by class, so its first 8000 images hold two classes."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
+
+
 def load_vision(name: str, root, cache_dir, download: bool = False, subset: int | None = None) -> Splits:
     spec = VISION[name]
     root, cache = Path(root), Path(cache_dir)
@@ -188,6 +194,7 @@ def load_vision(name: str, root, cache_dir, download: bool = False, subset: int 
     std = xf.std(dim=(0, 2, 3), keepdim=True)
     del xf
     if subset is not None:
-        x_tr, y_tr = x_tr[:subset], y_tr[:subset]
+        keep = fixed_subset(len(y_tr), subset)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
     norm = lambda x: (x.float().div_(255) - mean) / std  # noqa: E731
     return Splits(name, TensorData(norm(x_tr), y_tr), TensorData(norm(x_te), y_te), note=spec.note)

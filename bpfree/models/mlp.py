@@ -33,3 +33,11 @@ class MLP(nn.Module):
         for block in self.blocks.values():
             h = block(h)
         return h  # (B, num_classes) log-probabilities
+
+
+@MODELS.register("mlp_depth")
+def mlp_depth(input_shape, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu") -> MLP:
+    """`depth` hidden layers of `width` units: the accuracy-vs-depth sweeps (model.depth=1..6)."""
+    if depth < 1:
+        raise ValueError(f"mlp_depth needs depth >= 1 hidden layers, got {depth}")
+    return MLP(input_shape, num_classes, hidden=[width] * depth, activation=activation)

@@ -1,0 +1,100 @@
+"""Alignment per layer vs epoch, from the run records: one figure per table.
+
+    python scripts/plot_alignment.py [--paper backprop-free-transformers] [--records results/records]
+
+For each table of the paper: one row of panels per method (table row), left the angle between B and
+Wᵀ (feedback rules), right the angle between the rule's weight update and the true backprop gradient
+on the fixed probe batch; one line per layer, mean over seeds. Tables with several columns (e.g. the
+depth sweep) are drawn for their last column (the deepest model). Writes
+results/tables/<paper>__<table>__alignment.png. Nothing here trains.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from bpfree.records import read_records
+
+KINDS = (("angle_B/", "angle(B, Wᵀ)"), ("angle_grad/", "angle(rule update, BP gradient)"))
+
+
+def _series(records: list[dict], prefix: str) -> dict[str, list[float]]:
+    """layer -> per-epoch mean over the records (seeds)."""
+    per_layer: dict[str, list[list[float]]] = defaultdict(list)
+    for r in records:
+        epochs = r["metrics"]["per_epoch"]
+        keys = [k for k in (epochs[0] if epochs else {}) if k.startswith(prefix)]
+        for k in keys:
+            per_layer[k[len(prefix):]].append([e[k] for e in epochs if k in e])
+    out = {}
+    for layer, runs in per_layer.items():
+        n = min(len(x) for x in runs)
+        out[layer] = [sum(x[t] for x in runs) / len(runs) for t in range(n)]
+    return out
+
+
+def plot_table(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok" and r["metrics"]["per_epoch"]]
+    if not ok:
+        return False
+    cols = [str(c) for c in spec.get("columns", [])] or sorted({r["column"] for r in ok})
+    present = [c for c in cols if any(r["column"] == c for r in ok)]
+    column = present[-1] if present else ok[0]["column"]
+    rows = [m for m in spec.get("rows", sorted({r["row"] for r in ok})) if any(r["row"] == m for r in ok)]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.4 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        recs = [r for r in ok if r["row"] == row and r["column"] == column]
+        for j, (prefix, label) in enumerate(KINDS):
+            ax = axes[i][j]
+            series = _series(recs, prefix)
+            cmap = plt.get_cmap("viridis")
+            for k, (layer, ys) in enumerate(series.items()):
+                ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=2, lw=1,
+                        color=cmap(k / max(len(series) - 1, 1)), label=layer)
+            ax.axhline(90, color="grey", lw=0.6, ls="--")
+            ax.set_ylim(0, 180 if prefix == "angle_grad/" else 100)
+            ax.set_title(f"{row} ({column}, n={len(recs)}): {label}" if series else f"{row}: no {label}",
+                         fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if series and len(series) <= 8:
+                ax.legend(fontsize=6, ncol=2)
+            elif series:
+                ax.text(0.01, 0.02, f"{len(series)} layers, dark = first, yellow = last",
+                        transform=ax.transAxes, fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch (degrees on the fixed probe batch)", fontsize=7)
+    fig.suptitle(f"{paper} {table}: alignment per layer (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--paper", default="backprop-free-transformers")
+    ap.add_argument("--records", default="results/records")
+    ap.add_argument("--reference", default="results/reference.yaml")
+    ap.add_argument("--out", default="results/tables")
+    a = ap.parse_args(argv)
+    with open(a.reference) as f:
+        ref = (yaml.safe_load(f) or {}).get(a.paper, {})
+    recs = [r for r in read_records(a.records) if r["paper"] == a.paper]
+    for table in sorted(set(ref) | {r["table"] for r in recs}):
+        path = Path(a.out) / f"{a.paper}__{table}__alignment.png"
+        if plot_table(a.paper, table, ref.get(table, {}), [r for r in recs if r["table"] == table], path):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
