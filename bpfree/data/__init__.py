@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from bpfree.data.batching import Splits, TensorData, batches, jitter
-from bpfree.data.vision import VISION, DatasetUnavailable, fixed_subset, is_available, load_vision
+from bpfree.data.vision import VISION, DatasetUnavailable, is_available, load_vision
 
 
 def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, subset: int | None = None,
@@ -15,8 +15,7 @@ def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, s
     else:
         raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted(VISION))}")
     if test_subset is not None:
-        keep = fixed_subset(len(s.test), test_subset)
-        s.test = TensorData(s.test.x[keep], s.test.y[keep])
+        s.test = TensorData(s.test.x[:test_subset], s.test.y[:test_subset])
     return s
 
 

@@ -101,7 +101,7 @@ def _jpeg_folder_read(archive: str, name: str) -> Callable:
         tensors = cache / f"{name}-{stamp}.pt"
         if tensors.exists():
             d = torch.load(tensors)
-            return d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+            return _interleave(d["x_train"], d["y_train"]) + _interleave(d["x_test"], d["y_test"])
         out = cache / name
         if not (out / "test").is_dir():
             tmp = cache / f"{name}.extracting"
@@ -118,9 +118,16 @@ def _jpeg_folder_read(archive: str, name: str) -> Callable:
             x = torch.stack([decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in folder.samples])
             arrays += [x, torch.tensor(folder.targets, dtype=torch.int64)]
         _atomic_save(dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)), tensors)
-        return tuple(arrays)
+        return _interleave(*arrays[:2]) + _interleave(*arrays[2:])
 
     return read
+
+
+def _interleave(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random order (seed 0) for a split read class by class from folders, so that the first N
+    samples (data.subset, data.test_subset) hold every class, as in the original CIFAR pickles."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -164,12 +171,6 @@ def is_available(name: str, root: str | os.PathLike) -> bool:
     return all((Path(root) / f).is_file() for f in VISION[name].files)
 
 
-def fixed_subset(n: int, k: int) -> torch.Tensor:
-    """Indices of a fixed random draw of k of n samples (seed 0), in their original order. Not the first
-    k: the JPEG copy of CIFAR-10 is stored class by class, so its first 8000 images hold two classes."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
-
-
 def load_vision(name: str, root, cache_dir, download: bool = False, subset: int | None = None) -> Splits:
     spec = VISION[name]
     root, cache = Path(root), Path(cache_dir)
@@ -194,7 +195,6 @@ def load_vision(name: str, root, cache_dir, download: bool = False, subset: int 
     std = xf.std(dim=(0, 2, 3), keepdim=True)
     del xf
     if subset is not None:
-        keep = fixed_subset(len(y_tr), subset)
-        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        x_tr, y_tr = x_tr[:subset], y_tr[:subset]
     norm = lambda x: (x.float().div_(255) - mean) / std  # noqa: E731
     return Splits(name, TensorData(norm(x_tr), y_tr), TensorData(norm(x_te), y_te), note=spec.note)

@@ -100,9 +100,12 @@ class FeedbackLayer(nn.Module):
 
     def _setup(self, base: nn.Module, feedback: torch.Tensor, learn: bool, sign_scale: float | None):
         self.weight, self.bias = base.weight, base.bias
-        # B is a Parameter so kp's optimizer can update it; for fa/usf/wm it has requires_grad=False
-        # (the optimizer skips it; wm changes it in place; usf derives B from W at each forward).
-        self.feedback = nn.Parameter(feedback.detach().clone(), requires_grad=learn)
+        # kp: B is a Parameter, so the optimizer updates it. fa/usf/wm: a buffer (checkpointed, moved by
+        # .to(), not trained: wm changes it in place, usf derives B from W at each forward).
+        if learn:
+            self.feedback = nn.Parameter(feedback.detach().clone())
+        else:
+            self.register_buffer("feedback", feedback.detach().clone())
         self.sign_scale = sign_scale  # usf: B = sign(W) * sign_scale, refreshed at each forward
         self.exact = False  # True: ordinary autograd (used to measure the true gradient)
 
@@ -126,7 +129,7 @@ class FeedbackLinear(FeedbackLayer):
         return _LinearFB.apply(x, self.weight, self.bias, self.current_feedback())
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, learn_B={self.feedback.requires_grad}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, learn_B={isinstance(self.feedback, nn.Parameter)}"
 
 
 class FeedbackConv2d(FeedbackLayer):
@@ -145,7 +148,7 @@ class FeedbackConv2d(FeedbackLayer):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, learn_B={self.feedback.requires_grad}")
+                f"stride={self.stride}, padding={self.padding}, learn_B={isinstance(self.feedback, nn.Parameter)}")
 
 
 # ---------------------------------------------------------------- the converter
