@@ -11,12 +11,14 @@ results/tables/<paper>__<table>__alignment.png. Nothing here trains.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
-from bpfree.records import read_records
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bpfree.records import read_records  # noqa: E402
 
 KINDS = (("angle_B/", "angle(B, Wᵀ)"), ("angle_grad/", "angle(rule update, BP gradient)"))
 
@@ -48,7 +50,13 @@ def plot_table(paper: str, table: str, spec: dict, records: list[dict], path: Pa
     cols = [str(c) for c in spec.get("columns", [])] or sorted({r["column"] for r in ok})
     present = [c for c in cols if any(r["column"] == c for r in ok)]
     column = present[-1] if present else ok[0]["column"]
-    rows = [m for m in spec.get("rows", sorted({r["row"] for r in ok})) if any(r["row"] == m for r in ok)]
+    def has_angles(r):
+        return any(k.startswith(tuple(p for p, _ in KINDS)) for k in r["metrics"]["per_epoch"][0])
+
+    rows = [m for m in spec.get("rows", sorted({r["row"] for r in ok}))
+            if any(r["row"] == m and has_angles(r) for r in ok)]  # bp has nothing to align
+    if not rows:
+        return False
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.4 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         recs = [r for r in ok if r["row"] == row and r["column"] == column]
