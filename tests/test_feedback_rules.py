@@ -125,6 +125,21 @@ def test_kp_aligns_feedback_with_forward_weights(mnist):
     assert max(end.values()) < 10, end
 
 
+def test_kp_feedback_gets_the_weight_update_and_decay():
+    """KP's B moves exactly as W does, both shrunk by (1 - decay): B - W contracts by (1 - decay)."""
+    model, x, classes = _cases()["convs"]
+    rule = build_rule("kp", model, F.nll_loss, decay=0.1)
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-2)
+    y = torch.arange(len(x)) % classes
+    for _ in range(3):
+        before = {n: (m.feedback - m.weight).detach().clone() for n, m in rule.layers.items()}
+        w0 = {n: m.weight.detach().clone() for n, m in rule.layers.items()}
+        rule.train_step(x, y, opt)
+        for n, m in rule.layers.items():
+            assert not torch.equal(m.weight, w0[n])  # W did move
+            assert torch.allclose(m.feedback - m.weight, 0.9 * before[n], atol=1e-6), n
+
+
 @pytest.mark.parametrize("case", ["mlp", "convs"])
 def test_wm_mirror_phase_reduces_angle(case):
     model, _, _ = _cases()[case]

@@ -11,8 +11,8 @@ Wᵀ. The weight and bias gradients are the usual ones. So each rule keeps the o
 
     fa   B fixed random, never changed
     usf  B = sign(W) * s, recomputed from the current W at every forward (s fixed per layer)
-    kp   B gets W's gradient (autograd returns it: B.requires_grad) and the same decay as W, so
-         W - B shrinks by (1 - decay) per step and B -> W (i.e. the backward uses Wᵀ)
+    kp   B gets W's update and the same decay as W, so W - B shrinks by (1 - decay) per step and
+         B -> W (i.e. the backward uses Wᵀ); kept in closed form, see KolenPollack
     wm   after each engaged (FA) step, `mirror_steps` mirror steps: each layer is driven by noise x
          and B <- B + eta * mean(y xᵀ) - lambda * B with y = W x, whose mean is sigma² W
 
@@ -61,8 +61,7 @@ def _check_conv(conv: nn.Conv2d) -> None:
 
 
 class _LinearFB(torch.autograd.Function):
-    """y = x Wᵀ + b; backward: dx = dy B (B in W's shape), dW and db exact; B gets dW when it
-    requires grad (Kolen-Pollack)."""
+    """y = x Wᵀ + b; backward: dx = dy B (B in W's shape), dW and db exact."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback):
@@ -73,10 +72,10 @@ class _LinearFB(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, feedback = ctx.saved_tensors
-        nx, nw, nb, nf = ctx.needs_input_grad
+        nx, nw, nb, _ = ctx.needs_input_grad
         gx = g @ feedback if nx else None  # (..., out) @ (out, in) -> (..., in)
-        gw, gb = linear_param_grads(g, x, nw or nf, nb and ctx.has_bias)
-        return gx, (gw if nw else None), gb, (gw.clone() if nf else None)
+        gw, gb = linear_param_grads(g, x, nw, nb and ctx.has_bias)
+        return gx, gw, gb, None
 
 
 class _ConvFB(torch.autograd.Function):
@@ -89,23 +88,20 @@ class _ConvFB(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, feedback = ctx.saved_tensors
-        nx, nw, nb, nf, _ = ctx.needs_input_grad
-        gx, gw, gb = conv_grads(g, x, feedback, ctx.spec, ctx.has_bias, [nx, nw or nf, nb and ctx.has_bias])
-        return gx, (gw if nw else None), gb, (gw.clone() if nf else None), None
+        nx, nw, nb, _, _ = ctx.needs_input_grad
+        gx, gw, gb = conv_grads(g, x, feedback, ctx.spec, ctx.has_bias, [nx, nw, nb and ctx.has_bias])
+        return gx, gw, gb, None, None
 
 
 class FeedbackLayer(nn.Module):
     """Shared by FeedbackLinear and FeedbackConv2d: holds the original weight/bias Parameters (same
     objects, so optimizers and checkpoints see no change) and the feedback matrix B."""
 
-    def _setup(self, base: nn.Module, feedback: torch.Tensor, learn: bool, sign_scale: float | None):
+    def _setup(self, base: nn.Module, feedback: torch.Tensor, sign_scale: float | None):
         self.weight, self.bias = base.weight, base.bias
-        # kp: B is a Parameter, so the optimizer updates it. fa/usf/wm: a buffer (checkpointed, moved by
-        # .to(), not trained: wm changes it in place, usf derives B from W at each forward).
-        if learn:
-            self.feedback = nn.Parameter(feedback.detach().clone())
-        else:
-            self.register_buffer("feedback", feedback.detach().clone())
+        # a buffer: checkpointed and moved by .to(), never touched by the optimizer (kp and wm change it
+        # in place after each step, usf derives B from W at each forward)
+        self.register_buffer("feedback", feedback.detach().clone())
         self.sign_scale = sign_scale  # usf: B = sign(W) * sign_scale, refreshed at each forward
         self.exact = False  # True: ordinary autograd (used to measure the true gradient)
 
@@ -118,10 +114,10 @@ class FeedbackLayer(nn.Module):
 
 
 class FeedbackLinear(FeedbackLayer):
-    def __init__(self, base: nn.Linear, feedback: torch.Tensor, learn: bool = False, sign_scale=None):
+    def __init__(self, base: nn.Linear, feedback: torch.Tensor, sign_scale=None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self._setup(base, feedback, learn, sign_scale)
+        self._setup(base, feedback, sign_scale)
 
     def forward(self, x):  # (..., in) -> (..., out)
         if self.exact:
@@ -129,17 +125,17 @@ class FeedbackLinear(FeedbackLayer):
         return _LinearFB.apply(x, self.weight, self.bias, self.current_feedback())
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, learn_B={isinstance(self.feedback, nn.Parameter)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, sign_B={self.sign_scale is not None}"
 
 
 class FeedbackConv2d(FeedbackLayer):
-    def __init__(self, base: nn.Conv2d, feedback: torch.Tensor, learn: bool = False, sign_scale=None):
+    def __init__(self, base: nn.Conv2d, feedback: torch.Tensor, sign_scale=None):
         super().__init__()
         _check_conv(base)
         for k in ("in_channels", "out_channels", "kernel_size", *CONV_ARGS):
             setattr(self, k, getattr(base, k))
         self.spec = {k: getattr(base, k) for k in CONV_ARGS}
-        self._setup(base, feedback, learn, sign_scale)
+        self._setup(base, feedback, sign_scale)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H', W')
         if self.exact:
@@ -148,7 +144,7 @@ class FeedbackConv2d(FeedbackLayer):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, learn_B={isinstance(self.feedback, nn.Parameter)}")
+                f"stride={self.stride}, padding={self.padding}, sign_B={self.sign_scale is not None}")
 
 
 # ---------------------------------------------------------------- the converter
@@ -201,10 +197,9 @@ def exact_backward(layers: Iterable[nn.Module]):
 # ---------------------------------------------------------------- the rules
 class FeedbackRule(LearningRule):
     """Base for rules that only change the backward pass. Subclasses say how B starts
-    (`initial_feedback`), whether autograd trains it (`learn_feedback`) and what happens after the
+    (`initial_feedback`), whether it is sign(W) (`sign_feedback`) and what happens after the
     optimizer step (`after_step`)."""
 
-    learn_feedback = False
     sign_feedback = False
     reports_B = True  # whether B has W's shape (angle B vs Wᵀ is defined)
 
@@ -218,7 +213,7 @@ class FeedbackRule(LearningRule):
     def make_layer(self, base: nn.Module) -> nn.Module:
         scale = float(base.weight.detach().abs().mean()) if self.sign_feedback else None
         cls = FeedbackLinear if isinstance(base, nn.Linear) else FeedbackConv2d
-        return cls(base, self.initial_feedback(base.weight), self.learn_feedback, scale)
+        return cls(base, self.initial_feedback(base.weight), scale)
 
     def compute_grads(self, x, y) -> dict[str, torch.Tensor]:
         """Fill .grad with the rule's update direction (no optimizer step)."""
@@ -271,29 +266,31 @@ class SignSymmetry(FeedbackRule):
 
 @RULES.register("kp")
 class KolenPollack(FeedbackRule):
-    """Kolen & Pollack 1994, Akrout et al. 2019 (backprop-free-transformers §4.3): B receives W's
-    update (its gradient, through the same optimizer: with equal gradients from the start, Adam and
-    SGD give B and W equal updates) and the same weight decay, applied here as W <- (1-decay) W,
-    B <- (1-decay) B after each step. So W - B = (1-decay)^t (W0 - B0) -> 0."""
+    """Kolen & Pollack 1994, Akrout et al. 2019 (backprop-free-transformers §4.3): B receives the same
+    update as W and the same weight decay, W <- (1-decay) W and B <- (1-decay) B after each step.
 
-    learn_feedback = True
+    Kept in closed form: equal updates leave B - W unchanged and the decay shrinks it, so after t steps
+    B_t = W_t + (1-decay)^t (B_0 - W_0). We store D = B_0 - W_0 and the scalar (1-decay)^t and rebuild
+    B from the current W after every step: the same B as running the update on B with a second
+    optimizer state, without that state or its cost (per step: one scale of W, one add)."""
 
     def __init__(self, model, loss_fn, decay: float = 1e-3):
         if not 0 <= decay < 1:
             raise ValueError(f"kp decay must be in [0, 1) (a per-step shrink factor), got {decay}")
         self.decay = decay
         super().__init__(model, loss_fn)
+        for m in self.layers.values():
+            m.register_buffer("kp_offset", m.feedback - m.weight.detach())  # D = B_0 - W_0
+        self.register_buffer("kp_shrink", torch.ones((), dtype=torch.float64))  # (1-decay)^t
 
     @torch.no_grad()
     def after_step(self):
-        if self.decay:
-            for m in self.layers.values():
+        self.kp_shrink.mul_(1 - self.decay)
+        c = float(self.kp_shrink)
+        for m in self.layers.values():
+            if self.decay:
                 m.weight.mul_(1 - self.decay)
-                m.feedback.mul_(1 - self.decay)
-
-    def param_counts(self):
-        total = super().param_counts()["total"]
-        return {"total": total, "effective": total - sum(m.feedback.numel() for m in self.layers.values())}
+            torch.add(m.weight, m.kp_offset, alpha=c, out=m.feedback)
 
 
 @RULES.register("wm")
