@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -61,16 +61,6 @@ def saved_grads(params: Iterable[torch.Tensor]):
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-
-
-def rule_gradients(compute: Callable[[], object], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The gradient a rule's own backward leaves in .grad (its update direction before the optimizer),
-    with .grad restored afterwards. `compute` fills .grad (e.g. a rule's `compute_grads(x, y)`)."""
-    everything = [p for p in params.values()]
-    with saved_grads(everything):
-        compute()
-        out = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in params.items()}
-    return out
 
 
 def layer_names(model: nn.Module, kinds=(nn.Linear, nn.Conv2d)) -> dict[str, nn.Module]:

@@ -23,7 +23,6 @@ step and the gradient-alignment diagnostic.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bpfree.alignment import gradient_angles, saved_grads, true_gradients
