@@ -46,7 +46,9 @@ def mlp_layers(model: nn.Module, rule: str) -> list[tuple[nn.Linear, nn.Module]]
         ok = (isinstance(b, nn.Sequential) and len(b) == 2 and type(b[0]) is nn.Linear
               and isinstance(b[1], nn.LogSoftmax if last else _ACTS))
         if not ok:
-            raise UnsupportedModel(need + f"block {name!r} of {type(model).__name__} is {b}")
+            parts = ", ".join(type(c).__name__ for c in b.children()) if isinstance(b, nn.Module) else "?"
+            raise UnsupportedModel(need + f"block {name!r} of {type(model).__name__} is "
+                                   f"{type(b).__name__}({parts})")
         out.append((b[0], b[1]))
     return out
 
