@@ -43,6 +43,7 @@ def plot_table(paper: str, table: str, spec: dict, records: list[dict], path: Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ok = [r for r in records if r["status"] == "ok" and r["metrics"]["per_epoch"]]
     if not ok:
@@ -72,6 +73,7 @@ def plot_table(paper: str, table: str, spec: dict, records: list[dict], path: Pa
             ax.set_title(f"{row} ({column}, n={len(recs)}): {label}" if series else f"{row}: no {label}",
                          fontsize=8)
             ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if series and len(series) <= 8:
                 ax.legend(fontsize=6, ncol=2)
