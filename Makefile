@@ -31,7 +31,7 @@ test-slow: install ## slower checks (full datasets, longer training)
 
 tables: install ## rebuild results/tables/ from the committed records (no training)
 	$(PY) -m bpfree.tables
-	$(PY) scripts/plot_alignment.py
+	$(PY) scripts/plot_feedback.py
 
 bench: install ## step time of every method relative to backprop -> results/bench/
 	$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -1,12 +1,17 @@
-"""Alignment per layer vs epoch, from the run records: one figure per table.
+"""Figures for the feedback / target-propagation tables, from the run records (make tables runs it).
 
-    python scripts/plot_alignment.py [--paper backprop-free-transformers] [--records results/records]
+    python scripts/plot_feedback.py [--paper backprop-free-transformers] [--records results/records]
+
+1. Alignment per layer vs epoch, one figure per table:
 
 For each table of the paper: one row of panels per method (table row), left the angle between B and
 Wᵀ (feedback rules), right the angle between the rule's weight update and the true backprop gradient
 on the fixed probe batch; one line per layer, mean over seeds. Tables with several columns (e.g. the
 depth sweep) are drawn for their last column (the deepest model). Writes
-results/tables/<paper>__<table>__alignment.png. Nothing here trains.
+results/tables/<paper>__<table>__alignment.png.
+2. For tables whose columns are numbers (the depth sweep): test accuracy vs column, one line per method
+(mean over seeds, best over epochs): results/tables/<paper>__<table>__vs_column.png.
+Nothing here trains.
 """
 from __future__ import annotations
 
@@ -90,6 +95,36 @@ def plot_table(paper: str, table: str, spec: dict, records: list[dict], path: Pa
     return True
 
 
+def plot_vs_column(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok" and r["metrics"]["best"].get("test_acc") is not None]
+    if not ok or not all(str(r["column"]).isdigit() for r in ok):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = spec.get("labels", {})
+    for row in spec.get("rows", sorted({r["row"] for r in ok})):
+        by_col = defaultdict(list)
+        for r in ok:
+            if r["row"] == row:
+                by_col[int(r["column"])].append(r["metrics"]["best"]["test_acc"])
+        if by_col:
+            xs = sorted(by_col)
+            ax.plot(xs, [100 * sum(by_col[x]) / len(by_col[x]) for x in xs], marker="o", label=labels.get(row, row))
+    ax.set_xlabel("hidden layers" if table == "depth" else "column", fontsize=8)
+    ax.set_ylabel("test accuracy % (best epoch)", fontsize=8)
+    ax.set_title(f"{paper} {table}: accuracy vs {'depth' if table == 'depth' else 'column'}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--paper", default="backprop-free-transformers")
@@ -101,8 +136,12 @@ def main(argv=None) -> None:
         ref = (yaml.safe_load(f) or {}).get(a.paper, {})
     recs = [r for r in read_records(a.records) if r["paper"] == a.paper]
     for table in sorted(set(ref) | {r["table"] for r in recs}):
+        mine = [r for r in recs if r["table"] == table]
         path = Path(a.out) / f"{a.paper}__{table}__alignment.png"
-        if plot_table(a.paper, table, ref.get(table, {}), [r for r in recs if r["table"] == table], path):
+        if plot_table(a.paper, table, ref.get(table, {}), mine, path):
+            print(path)
+        path = Path(a.out) / f"{a.paper}__{table}__vs_column.png"
+        if plot_vs_column(a.paper, table, ref.get(table, {}), mine, path):
             print(path)
 
 
