@@ -113,12 +113,12 @@ def test_dfa_sends_the_output_error_through_a_fixed_random_matrix():
 def test_kp_aligns_feedback_with_forward_weights(mnist):
     torch.manual_seed(0)
     model = build_model("mlp", (1, 28, 28), 10, hidden=[64, 32])
-    rule = build_rule("kp", model, F.nll_loss, decay=0.02)
+    rule = build_rule("kp", model, F.nll_loss, decay=0.05)
     start = {n: angle(m.feedback, m.weight) for n, m in rule.layers.items()}
     assert min(start.values()) > 60
     opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
     x, y = mnist.train.x, mnist.train.y
-    for step in range(300):
+    for step in range(100):
         i = (step * 64) % 2048
         rule.train_step(x[i:i + 64], y[i:i + 64], opt)
     end = {n: angle(m.feedback, m.weight) for n, m in rule.layers.items()}
