@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# decoded datasets are shared across tests and runs (decoding cifar10_jpeg takes ~25 s, once)
+CACHE = Path(os.environ.get("BPFREE_CACHE", ROOT / ".cache" / "bpfree"))
 
 
 def data_root() -> Path:
@@ -29,7 +31,7 @@ def compose_cfg(overrides: list[str], tmp: Path | None = None):
     extra = []
     if tmp is not None:
         extra = [f"records_dir={tmp / 'records'}", f"checkpoint_dir={tmp / 'ckpt'}",
-                 f"data.root={data_root()}", f"data.cache_dir={tmp / 'cache'}", "trainer.progress=false"]
+                 f"data.root={data_root()}", f"data.cache_dir={CACHE}", "trainer.progress=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[*extra, *overrides])
 

@@ -102,9 +102,9 @@ def _jpeg_folder_read(archive: str, name: str) -> Callable:
         if tensors.exists():
             d = torch.load(tensors)
             return _interleave(d["x_train"], d["y_train"]) + _interleave(d["x_test"], d["y_test"])
-        out = cache / name
+        out = cache / f"{name}-{stamp}"
         if not (out / "test").is_dir():
-            tmp = cache / f"{name}.extracting"
+            tmp = cache / f"{name}-{stamp}.extracting"
             tmp.mkdir(parents=True, exist_ok=True)
             with tarfile.open(src) as tf:
                 tf.extractall(tmp, filter="data")
