@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(c["seed"], tr["deterministic"])
     device = pick_device(tr["device"])
 
-    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset")})
+    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset")})
     task = TASKS[data.task](ds["num_classes"])
     task.check(data.train, ds["name"])
     task.check(data.test, ds["name"])
