@@ -272,6 +272,14 @@ class AssociatedLearning(LearningRule):
         per = {f"component{i}": _count(self.component_parameters(i)) for i in range(1, len(self.fold) + 1)}
         return {"total": effective + affiliated, "effective": effective, "affiliated": affiliated, **per}
 
+    def bench_extras(self, x, y) -> dict:
+        """scripts/bench.py hook: per-component update times (ms), their sum (sequential AL) and max (the
+        ideal pipelined step of Table 1, once the pipe is full)."""
+        times = self.component_step_times(x, y, torch.optim.Adam(self.parameters(), lr=1e-4))
+        ms = [1e3 * t for t in times]
+        return {"al_component_ms": ms, "al_component_sum_ms": sum(ms), "al_component_max_ms": max(ms),
+                "al_ideal_pipeline_speedup": sum(ms) / max(ms)}
+
     def component_step_times(self, x, y, optimizer, repeats: int = 5) -> list[float]:
         """Median seconds of one component's update (forward, backward, optimizer step on its
         parameters alone) from cached inputs: what one stage of the pipelined AL of Table 1 costs.
