@@ -162,6 +162,14 @@ def render(records: list[dict], out_dir: str | Path) -> list[Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m bpfree.figures_al RECORD.json [RECORD.json ...]")
-    for p in sys.argv[1:]:
-        print(f"wrote {extract(p)}")
+        raise SystemExit("usage: python -m bpfree.figures_al RECORD.json [...]   (extract, after training)\n"
+                         "       python -m bpfree.figures_al --render [RECORDS_DIR [OUT_DIR]]  (make tables)")
+    if sys.argv[1] == "--render":
+        from bpfree.records import read_records
+
+        rdir = sys.argv[2] if len(sys.argv) > 2 else "results/records"
+        for p in render(read_records(rdir), sys.argv[3] if len(sys.argv) > 3 else "results/figures"):
+            print(p)
+    else:
+        for p in sys.argv[1:]:
+            print(f"wrote {extract(p)}")

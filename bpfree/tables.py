@@ -211,7 +211,8 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
     written = []
     for paper, table in sorted(keys):
         spec = ref.get(paper, {}).get(table) or {"metrics": ["test_acc"], "select": "best"}
-        recs = by_table.get((paper, table), [])
+        # a table may read another table's runs (associated-learning Table 5 = the runs of Table 6)
+        recs = by_table.get((paper, spec.get("records_table", table)), [])
         df = build_table(paper, table, spec, recs, data_root)
         stem = out / f"{paper}__{table}"
         df.to_csv(stem.with_suffix(".csv.tmp"), index=False)
