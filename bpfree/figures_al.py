@@ -33,6 +33,8 @@ import torch
 N_POINTS = 1000
 FIG_LAYERS = {"mlp": ["l2", "l4", "l6"], "cnn": ["c4", "c8", "f4"]}     # §5.4
 FIG_NAMES = {"mlp": "al_fig5", "cnn": "al_fig6"}
+TITLES = {"raw": "raw input", "l2": "2nd hidden (l2)", "l4": "4th hidden (l4)", "l6": "output (l6)",
+          "c4": "4th hidden (c4)", "c8": "8th hidden (c8)", "f4": "12th hidden (f4)"}
 DATA_DIR = Path("results/figures_data/associated-learning")
 
 
@@ -147,7 +149,7 @@ def render(records: list[dict], out_dir: str | Path) -> list[Path]:
                 e = d[f"emb_{layer}"].astype(np.float32)
                 ax.scatter(e[:, 0], e[:, 1], c=d["y"], cmap="tab10", s=3, linewidths=0)
                 ax.set_xticks([]), ax.set_yticks([])
-                ax.set_title(f"{m.upper()}: {'raw input' if layer == 'raw' else layer}", fontsize=9)
+                ax.set_title(f"{m.upper()}: {TITLES.get(layer, layer)}", fontsize=9)
         scale = by_method[methods[0]].get("scale", "?")
         fig.suptitle(f"t-SNE, {model} on {dataset} ({N_POINTS} test images, scale={scale}); "
                      "associated-learning Fig. " + ("5" if model == "mlp" else "6"), fontsize=9)
