@@ -93,9 +93,23 @@ def _cifar_download(cls_name: str) -> Callable[[Path], None]:
 
 def _jpeg_folder_read(archive: str, name: str) -> Callable:
     """A tar.gz of train/<class>/*.jpg and test/<class>/*.jpg: extract once into the cache, list with
-    torchvision's ImageFolder, decode with torchvision.io, cache the uint8 tensors."""
+    torchvision's ImageFolder, decode with torchvision.io, cache the uint8 tensors.
+
+    ImageFolder lists the images class by class, so each split is put in one fixed shuffled order
+    (seed 0): without it `data.subset=N` keeps the first classes only and "the first 1000 test images"
+    are all one class."""
+
+    def shuffled(a: Arrays) -> Arrays:
+        out = []
+        for x, y in ((a[0], a[1]), (a[2], a[3])):
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+            out += [x[perm], y[perm]]
+        return tuple(out)
 
     def read(root: Path, cache: Path) -> Arrays:
+        return shuffled(read_sorted(root, cache))
+
+    def read_sorted(root: Path, cache: Path) -> Arrays:
         src = root / archive
         stamp = f"{src.stat().st_size}-{int(src.stat().st_mtime)}"
         tensors = cache / f"{name}-{stamp}.pt"
