@@ -18,13 +18,13 @@ steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn}")
 for s in ${steps[@]}; do case $s in
   t2mlp) for m in bp al; do run experiment=al_table2 method=$m "${MLP[@]}" data.subset=20000 trainer.epochs=1; done ;;
   t3mlp) for m in bp al; do run experiment=al_table3 dataset=cifar10_jpeg method=$m "${MLP[@]}" data.subset=20000 trainer.epochs=1; done ;;
-  t3cnn) run experiment=al_table3 dataset=cifar10_jpeg method=bp model=cnn data.subset=6400 trainer.epochs=1
-         run experiment=al_table3 dataset=cifar10_jpeg method=al model=cnn method.bridge_pool=4 data.subset=6400 trainer.epochs=1 ;;
+  t3cnn) run experiment=al_table3 dataset=cifar10_jpeg method=bp model=cnn data.subset=20000 trainer.epochs=1
+         run experiment=al_table3 dataset=cifar10_jpeg method=al model=cnn method.bridge_pool=4 data.subset=20000 trainer.epochs=1 ;;
   t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" data.subset=20000 trainer.epochs=1
          run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" data.subset=20000 trainer.epochs=1
          run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" data.subset=20000 trainer.epochs=1 ;;
-  t2cnn) run experiment=al_table2 method=bp model=cnn data.subset=3200 trainer.epochs=1
-         run experiment=al_table2 method=al model=cnn method.bridge_pool=4 data.subset=3200 trainer.epochs=1 ;;
+  t2cnn) run experiment=al_table2 method=bp model=cnn data.subset=12800 trainer.epochs=1
+         run experiment=al_table2 method=al model=cnn method.bridge_pool=4 data.subset=12800 trainer.epochs=1 ;;
   features_mlp|features_cnn)
          nice -n 10 "$PY" -m bpfree.figures_al results/records/associated-learning/table3/{bp,al}-${s#features_}-cifar10_jpeg-s0.json ;;
   *) echo "unknown step $s"; exit 2 ;;
