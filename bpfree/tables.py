@@ -37,7 +37,7 @@ def _paper_value(reported: dict, row: str, col: str, metric: str, single: bool):
 def _fmt(mean, std=None, digits=4) -> str:
     if mean is None:
         return ""
-    if 0 < abs(mean) < 10 ** -(digits - 1):  # tiny values (e.g. associated-learning Table 5's losses)
+    if 0 < abs(mean) < 0.5 * 10 ** -digits:  # would print as 0.0000 (associated-learning Table 5 losses)
         return f"{mean:.{digits - 1}e}" + (f" ± {std:.{digits - 1}e}" if std is not None else "")
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
