@@ -85,7 +85,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                            if len(vals) > 1 else None)
                     p_mean, p_std = _paper_value(reported, row, col, metric, single)
                     if not runs:
-                        note = _why_empty(col, records, data_root) if not notes else ""
+                        note = _why_empty(spec.get("dataset", col), records, data_root)  # spec.dataset: one dataset per table if not notes else ""
                         ours = note or "; ".join(notes)
                     elif not vals:
                         ours = f"n/a ({metric} not recorded: " + "; ".join(
