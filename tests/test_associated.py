@@ -201,3 +201,29 @@ def test_cifar100_configs_compose_and_train_on_generated_files(tmp_path, model):
     out = rule.train_step(data.train.x[:8], data.train.y[:8], opt)
     assert torch.isfinite(out["loss"])
     assert rule.predict(data.test.x).shape == (20, 100)
+
+
+def test_class_distances_match_their_definition():
+    from bpfree.figures_al import class_distances
+
+    # two classes, two points each: class 0 at (0,0),(0,2); class 1 at (10,0),(10,2)
+    z = np.array([[0, 0], [0, 2], [10, 0], [10, 2]], dtype=float)
+    d = class_distances(z, np.array([0, 0, 1, 1]))
+    assert d["inter"] == pytest.approx(10.0)   # centroids (0,1) and (10,1)
+    assert d["intra"] == pytest.approx(2.0)    # mean pairwise distance inside each class
+    assert d["ratio"] == pytest.approx(5.0)
+
+
+def test_figures_render_bp_above_al(tmp_path):
+    from bpfree.figures_al import render
+
+    recs = []
+    for m in ("bp", "al"):
+        f = tmp_path / f"{m}.npz"
+        rng = np.random.default_rng(0)
+        np.savez(f, y=rng.integers(0, 10, 50).astype(np.int8), layers=np.array(["raw", "l2"]),
+                 emb_raw=rng.normal(size=(50, 2)), emb_l2=rng.normal(size=(50, 2)))
+        recs.append({"paper": "associated-learning", "table": "table7", "features": str(f), "model": "mlp",
+                     "dataset": "mnist", "method": m, "scale": "cpu"})
+    out = render(recs, tmp_path / "fig")
+    assert [p.name for p in out] == ["al_fig5_mlp_mnist.png"] and out[0].stat().st_size > 1000
