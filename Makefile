@@ -32,6 +32,7 @@ test-slow: install ## slower checks (full datasets, longer training)
 tables: install ## rebuild results/tables/ from the committed records (no training)
 	$(PY) -m bpfree.tables
 	$(PY) scripts/plot_feedback.py
+	$(PY) -m bpfree.figures_al --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
 
 bench: install ## step time of every method relative to backprop -> results/bench/
 	$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -37,6 +37,8 @@ def _paper_value(reported: dict, row: str, col: str, metric: str, single: bool):
 def _fmt(mean, std=None, digits=4) -> str:
     if mean is None:
         return ""
+    if 0 < abs(mean) < 0.5 * 10 ** -digits:  # would print as 0.0000 (associated-learning Table 5 losses)
+        return f"{mean:.{digits - 1}e}" + (f" ± {std:.{digits - 1}e}" if std is not None else "")
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
@@ -83,7 +85,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                            if len(vals) > 1 else None)
                     p_mean, p_std = _paper_value(reported, row, col, metric, single)
                     if not runs:
-                        note = _why_empty(col, records, data_root) if not notes else ""
+                        note = _why_empty(spec.get("dataset", col), records, data_root)  # spec.dataset: one dataset per table if not notes else ""
                         ours = note or "; ".join(notes)
                     elif not vals:
                         ours = f"n/a ({metric} not recorded: " + "; ".join(
@@ -212,7 +214,8 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
     written = []
     for paper, table in sorted(keys):
         spec = ref.get(paper, {}).get(table) or {"metrics": ["test_acc"], "select": "best"}
-        recs = by_table.get((paper, table), [])
+        # a table may read another table's runs (associated-learning Table 5 = the runs of Table 6)
+        recs = by_table.get((paper, spec.get("records_table", table)), [])
         df = build_table(paper, table, spec, recs, data_root)
         stem = out / f"{paper}__{table}"
         df.to_csv(stem.with_suffix(".csv.tmp"), index=False)

@@ -35,12 +35,28 @@ class Case:
     batch_size: int
     model_kwargs: dict = field(default_factory=dict)
     steps: int = 30
+    method_kwargs: dict = field(default_factory=dict)  # {method name: kwargs}, e.g. AL's fold of a conv net
 
 
+_AL_RESNET = {"al": {"components": [["stem"], ["s1b*"], ["s2b*"], ["s3b*"]], "bridge_pool": 4}}
 CASES = [
     Case("mlp_mnist_b64", "mlp", (1, 28, 28), 10, 64),  # abstracted-gradients §4.1 setting
     Case("cnn_cifar_b128", "cnn", (3, 32, 32), 10, 128, steps=10),  # associated-learning §5.2 vanilla CNN
     Case("resnet20_cifar_b128", "resnet20", (3, 32, 32), 10, 128, steps=10),  # feedback rules on ResNet-20
+    # associated-learning §5.2 networks at the authors' batch size 32 (conf/model/*.yaml, method_model/al_*);
+    # AL's lower bridges pooled to 4x4 as in the CPU-scale runs (bridge_pool), the eq. 8 path unchanged
+    Case("al_mlp1024_mnist_b32", "mlp", (1, 28, 28), 10, 32,
+         dict(hidden=[1024, 1024, 5120, 1024, 1024], init="he_normal"), steps=10),
+    Case("al_cnn_cifar_b32", "cnn", (3, 32, 32), 10, 32, dict(downsample="stride", init="he_normal"), steps=10,
+         method_kwargs={"al": {"components": [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["c7", "c8"]],
+                               "bridge_pool": 4}}),
+    Case("al_vgg_cifar_b32", "vgg", (3, 32, 32), 10, 32, steps=5,
+         method_kwargs={"al": {"components": [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["f1", "f2"]],
+                               "bridge_pool": 4}}),
+    Case("al_resnet20fc_cifar_b32", "resnet20", (3, 32, 32), 10, 32, dict(fc=[1500, 300, 300, 300, 300]),
+         steps=5, method_kwargs=_AL_RESNET),
+    Case("al_resnet32fc_cifar_b32", "resnet32", (3, 32, 32), 10, 32, dict(fc=[1500, 300, 300, 300, 300]),
+         steps=5, method_kwargs=_AL_RESNET),
 ]
 
 
@@ -62,7 +78,7 @@ def bench_case(case: Case, device: torch.device, methods: list[str], steps: int)
 
     def make(name):
         model = build_model(case.model, case.input_shape, case.num_classes, **case.model_kwargs)
-        rule = build_rule(name, model, task.loss).to(device)
+        rule = build_rule(name, model, task.loss, **case.method_kwargs.get(name, {})).to(device)
         return rule, torch.optim.Adam(rule.parameters(), lr=1e-4)
 
     bp, bp_opt = make("bp")

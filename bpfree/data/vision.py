@@ -93,7 +93,8 @@ def _cifar_download(cls_name: str) -> Callable[[Path], None]:
 
 def _jpeg_folder_read(archive: str, name: str) -> Callable:
     """A tar.gz of train/<class>/*.jpg and test/<class>/*.jpg: extract once into the cache, list with
-    torchvision's ImageFolder, decode with torchvision.io, cache the uint8 tensors."""
+    torchvision's ImageFolder, decode with torchvision.io, cache the uint8 tensors. ImageFolder lists
+    the images class by class; `_interleave` puts each split in one fixed random order."""
 
     def read(root: Path, cache: Path) -> Arrays:
         src = root / archive

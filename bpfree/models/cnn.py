@@ -6,26 +6,39 @@ import math
 
 from torch import nn
 
+from bpfree.models.init import apply_init
 from bpfree.models.mlp import ACTIVATIONS
 from bpfree.registry import MODELS
 
 
 @MODELS.register("cnn")
 class CNN(nn.Module):
-    """x (B, C, H, W) -> c1..cK (conv3x3 'same' + act, 2x2 max-pool after the indices in `pool_after`)
-    -> f1..fM (flatten on entry, Linear + act) -> out (Linear + LogSoftmax)."""
+    """x (B, C, H, W) -> c1..cK (conv3x3 'same' + act, halving H and W at the indices in `pool_after`)
+    -> f1..fM (flatten on entry, Linear + act) -> out (Linear + LogSoftmax).
+
+    downsample: 'maxpool' = a 2x2 max-pool after the conv; 'stride' = the conv itself has stride 2
+    (what the associated-learning authors' CNN does, github.com/SamYWK/Associated_Learning
+    CIFAR10/models.py: the 4th and 8th conv use strides=2). Same parameters either way.
+    """
 
     def __init__(self, input_shape, num_classes: int, channels=(32, 32, 32, 32, 64, 64, 64, 64),
-                 fc=(1280, 256, 256, 256, 256), pool_after=(4, 8), activation: str = "relu"):
+                 fc=(1280, 256, 256, 256, 256), pool_after=(4, 8), activation: str = "relu",
+                 downsample: str = "maxpool", init: str = "default"):
         super().__init__()
+        if downsample not in ("maxpool", "stride"):
+            raise ValueError(f"unknown cnn downsample {downsample!r}; valid: maxpool, stride")
         act = ACTIVATIONS[activation]
+        self.input_shape = tuple(input_shape)
         c, h, w = input_shape
         self.blocks = nn.ModuleDict()
         for k, ch in enumerate(channels, start=1):
-            layers = [nn.Conv2d(c, ch, 3, padding=1), act()]
-            if k in pool_after:
+            down = k in pool_after
+            stride = 2 if down and downsample == "stride" else 1
+            layers = [nn.Conv2d(c, ch, 3, stride=stride, padding=1), act()]
+            if down and downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
+            if down:  # 'same' padding: stride 2 gives ceil(h/2), max-pool floor(h/2); equal for even sizes
+                h, w = (h // 2, w // 2) if downsample == "maxpool" else ((h + 1) // 2, (w + 1) // 2)
             self.blocks[f"c{k}"] = nn.Sequential(*layers)
             c = ch
         width = c * h * w
@@ -37,6 +50,7 @@ class CNN(nn.Module):
         self.blocks["out"] = nn.Sequential(*pre, nn.Linear(width, num_classes), nn.LogSoftmax(dim=1))
         self.feature_shape = (c, h, w)  # shape entering the first FC block
         assert math.prod(self.feature_shape) > 0, f"input {input_shape} pooled away to nothing"
+        apply_init(self, init)
 
     def forward(self, x):
         for block in self.blocks.values():

@@ -5,6 +5,7 @@ import math
 
 from torch import nn
 
+from bpfree.models.init import apply_init
 from bpfree.registry import MODELS
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -17,8 +18,10 @@ class MLP(nn.Module):
     Block l_k is Linear + activation; the last block is Linear + LogSoftmax (the paper's NLL setup).
     """
 
-    def __init__(self, input_shape, num_classes: int, hidden=(392, 196, 98, 49), activation: str = "relu"):
+    def __init__(self, input_shape, num_classes: int, hidden=(392, 196, 98, 49), activation: str = "relu",
+                 init: str = "default"):
         super().__init__()
+        self.input_shape = tuple(input_shape)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         widths = [math.prod(input_shape), *hidden, num_classes]
@@ -27,6 +30,7 @@ class MLP(nn.Module):
             last = k == len(widths) - 1
             act = nn.LogSoftmax(dim=1) if last else ACTIVATIONS[activation]()
             self.blocks[f"l{k}"] = nn.Sequential(nn.Linear(w_in, w_out), act)
+        apply_init(self, init)
 
     def forward(self, x):
         h = x.flatten(1)  # (B, C*H*W)

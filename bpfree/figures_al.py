@@ -1,0 +1,177 @@
+"""associated-learning Table 7 and Figures 5-6: what the hidden layers of BP and AL networks encode.
+
+Two steps, so that `make tables` never trains or touches a checkpoint:
+
+1. `python -m bpfree.figures_al results/records/associated-learning/table3/<run>.json ...` (after the
+   runs, while their checkpoints exist): rebuild each run's rule from its record, load
+   checkpoint_dir/last.pt, pass the first 1000 test images through the inference path (eq. 8 for AL,
+   the network for BP) with forward hooks on the model's blocks, and
+   - embed the raw input and three hidden layers in 2-D with t-SNE -> a small .npz under
+     results/figures_data/associated-learning/ (float16, about 20 kB);
+   - measure the inter-class distance (mean distance between class centroids), the intra-class distance
+     (mean over classes of the mean pairwise distance inside the class) and their ratio on the last
+     hidden layer (the input of the output layer, the "metafeatures" of §5.4) -> a derived record under
+     results/records/associated-learning/table7/ (row = method, column = model; `derived_from` names
+     the training record).
+2. `render(records, out_dir)` (called by `make tables`): BP row above AL row, raw input then the three
+   layers, one PNG per (model, dataset) pair: al_fig5_mlp_<dataset>.png, al_fig6_cnn_<dataset>.png.
+
+Layers shown follow §5.4: MLP 2nd and 4th hidden layers and the output; vanilla CNN 4th, 8th and 12th
+hidden layers. In AL these blocks lie on the eq. 8 path (f_i, the top bridge, the decoders).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+N_POINTS = 1000
+FIG_LAYERS = {"mlp": ["l2", "l4", "l6"], "cnn": ["c4", "c8", "f4"]}     # §5.4
+FIG_NAMES = {"mlp": "al_fig5", "cnn": "al_fig6"}
+TITLES = {"raw": "raw input", "l2": "2nd hidden (l2)", "l4": "4th hidden (l4)", "l6": "output (l6)",
+          "c4": "4th hidden (c4)", "c8": "8th hidden (c8)", "f4": "12th hidden (f4)"}
+DATA_DIR = Path("results/figures_data/associated-learning")
+
+
+def class_distances(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """z (N, D) features, y (N,) labels -> inter, intra and inter/intra (§5.4, Table 7)."""
+    z = z.astype(np.float64)
+    classes = np.unique(y)
+    cents = np.stack([z[y == k].mean(0) for k in classes])
+    d = np.linalg.norm(cents[:, None] - cents[None], axis=-1)
+    inter = d[np.triu_indices(len(classes), 1)].mean()
+    intra = []
+    for k in classes:
+        zk = z[y == k]
+        dk = np.linalg.norm(zk[:, None] - zk[None], axis=-1)
+        intra.append(dk[np.triu_indices(len(zk), 1)].mean())
+    intra = float(np.mean(intra))
+    return {"inter": float(inter), "intra": intra, "ratio": float(inter) / intra}
+
+
+def _tsne(z: np.ndarray, seed: int = 0) -> np.ndarray:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    z = z.reshape(len(z), -1).astype(np.float32)
+    if z.shape[1] > 50:  # the usual PCA-to-50 before t-SNE (speed; van der Maaten & Hinton 2008)
+        z = PCA(50, random_state=seed).fit_transform(z)
+    return TSNE(2, init="pca", perplexity=30, random_state=seed).fit_transform(z)
+
+
+def extract(record_path: str | Path, records_dir: str | Path = "results/records") -> Path:
+    """Features of one finished run (see the module docstring); returns the derived record's path."""
+    from bpfree.data import load_dataset
+    from bpfree.models import blocks, build_model
+    from bpfree.records import record_path as rec_path, write_record
+    from bpfree.rules import build_rule
+    from bpfree.tasks import TASKS
+
+    with open(record_path) as f:
+        rec = json.load(f)
+    c = rec["config"]
+    model_name = c["model"]["name"]
+    if model_name not in FIG_LAYERS:
+        raise ValueError(f"figures_al covers models {sorted(FIG_LAYERS)} (§5.4), not {model_name!r}")
+    ckpt = Path(c["checkpoint_dir"]) / "last.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} not found: rerun {record_path}'s configuration (checkpoints are "
+                                "not committed), then extract again")
+    ds = c["dataset"]
+    data = load_dataset(ds["name"], c["data"]["root"], c["data"]["cache_dir"])
+    model = build_model(model_name, ds["input_shape"], ds["num_classes"],
+                        **{k: v for k, v in c["model"].items() if k != "name"})
+    task = TASKS[data.task](ds["num_classes"])
+    rule = build_rule(c["method"]["name"], model, task.loss,
+                      **{k: v for k, v in c["method"].items() if k != "name"})
+    rule.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["rule"])
+    rule.eval()
+    x, y = data.test.x[:N_POINTS], data.test.y[:N_POINTS]
+    names = list(blocks(model).keys())
+    metafeature = names[-2]  # the last hidden layer: the input of the output block
+    wanted = [*FIG_LAYERS[model_name], metafeature]
+    feats, hooks = {}, []
+    for n in wanted:
+        hooks.append(blocks(model)[n].register_forward_hook(
+            lambda m, i, o, n=n: feats.__setitem__(n, o.detach().flatten(1).numpy())))
+    with torch.no_grad():
+        rule.predict(x)
+    for h in hooks:
+        h.remove()
+    yy = y.numpy()
+    dist = class_distances(feats[metafeature], yy)
+    emb = {"raw": _tsne(x.numpy())}
+    emb.update({n: _tsne(feats[n]) for n in FIG_LAYERS[model_name]})
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    out = DATA_DIR / f"{rec['name']}.npz"
+    np.savez_compressed(out, y=yy.astype(np.int8), layers=np.array(list(emb)),
+                        **{f"emb_{k}": v.astype(np.float16) for k, v in emb.items()})
+
+    derived = copy.deepcopy(rec)
+    derived.update({
+        "table": "table7", "row": rec["method"], "column": model_name,
+        "metrics": {"final": dist, "best": dist, "per_epoch": []},
+        "derived_from": str(record_path), "features": str(out),
+        "feature_layer": metafeature, "feature_points": int(len(yy)),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return write_record(derived, rec_path(records_dir, rec["paper"], "table7", rec["name"]))
+
+
+def render(records: list[dict], out_dir: str | Path) -> list[Path]:
+    """t-SNE panels (Figures 5-6) for every (model, dataset) with BP and/or AL feature files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if r.get("paper") == "associated-learning" and r.get("table") == "table7" and r.get("features"):
+            if Path(r["features"]).exists():
+                groups.setdefault((r["model"], r["dataset"]), {})[r["method"]] = r
+    written = []
+    for (model, dataset), by_method in sorted(groups.items()):
+        methods = [m for m in ("bp", "al") if m in by_method]
+        loaded = {m: np.load(by_method[m]["features"]) for m in methods}
+        layers = list(loaded[methods[0]]["layers"])
+        fig, axes = plt.subplots(len(methods), len(layers), figsize=(3 * len(layers), 3 * len(methods)),
+                                 squeeze=False)
+        for row, m in enumerate(methods):
+            d = loaded[m]
+            for col, layer in enumerate(layers):
+                ax = axes[row][col]
+                e = d[f"emb_{layer}"].astype(np.float32)
+                ax.scatter(e[:, 0], e[:, 1], c=d["y"], cmap="tab10", s=3, linewidths=0)
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"{m.upper()}: {TITLES.get(layer, layer)}", fontsize=9)
+        scale = by_method[methods[0]].get("scale", "?")
+        fig.suptitle(f"t-SNE, {model} on {dataset} ({N_POINTS} test images, scale={scale}); "
+                     "associated-learning Fig. " + ("5" if model == "mlp" else "6"), fontsize=9)
+        fig.tight_layout()
+        out = Path(out_dir) / f"{FIG_NAMES.get(model, 'al_fig')}_{model}_{dataset}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m bpfree.figures_al RECORD.json [...]   (extract, after training)\n"
+                         "       python -m bpfree.figures_al --render [RECORDS_DIR [OUT_DIR]]  (make tables)")
+    if sys.argv[1] == "--render":
+        from bpfree.records import read_records
+
+        rdir = sys.argv[2] if len(sys.argv) > 2 else "results/records"
+        for p in render(read_records(rdir), sys.argv[3] if len(sys.argv) > 3 else "results/figures"):
+            print(p)
+    else:
+        for p in sys.argv[1:]:
+            print(f"wrote {extract(p)}")

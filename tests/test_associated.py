@@ -1,0 +1,229 @@
+"""Associated learning (method=al): the properties the paper's claims and the pipelining plan rest on."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bpfree.data import load_dataset
+from bpfree.models import build_model
+from bpfree.rules import UnsupportedModel, build_rule
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+DATA = os.environ.get("BPFREE_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def small_mlp_al(components=None, seed=0):
+    """784 -> 32 -> 32 -> 64 -> 32 -> 32 -> 10: two components, 2-layer top bridge (the paper's shape, shrunk)."""
+    torch.manual_seed(seed)
+    model = build_model("mlp", (1, 28, 28), 10, hidden=[32, 32, 64, 32, 32], init="he_normal")
+    return build_rule("al", model, F.nll_loss, components=components)
+
+
+def small_cnn_al():
+    torch.manual_seed(0)
+    model = build_model("cnn", (3, 16, 16), 10, channels=[4, 4, 8, 8], fc=[24, 12, 12, 12],
+                        pool_after=[2, 4], downsample="stride")
+    return build_rule("al", model, F.nll_loss, components=[["c1"], ["c2"], ["c3"], ["c4"]])
+
+
+def chained_local_losses(rule, x, y):
+    """The per-component losses exactly as train_step chains them (outputs of i feed i+1)."""
+    s, t, losses = rule._entry(x), rule._targets(y), []
+    for i in range(1, len(rule.fold) + 1):
+        assoc, ae, s, t, _ = rule.local_objective(i, s, t)
+        losses.append(assoc + ae)
+    return losses
+
+
+@pytest.mark.parametrize("make, shape", [(small_mlp_al, (1, 28, 28)), (small_cnn_al, (3, 16, 16))])
+def test_no_gradient_crosses_a_component_boundary(make, shape):
+    rule = make()
+    torch.manual_seed(1)
+    x, y = torch.randn(6, *shape), torch.randint(0, 10, (6,))
+    losses = chained_local_losses(rule, x, y)
+    params = list(rule.parameters())
+    L = len(rule.fold)
+    for i, loss in enumerate(losses, start=1):
+        own = {id(p) for p in rule.component_parameters(i)}
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        for p, g in zip(params, grads):
+            if id(p) in own:
+                continue
+            assert g is None or torch.count_nonzero(g) == 0, f"component {i}'s loss reaches a foreign parameter"
+        own_grads = [g for p, g in zip(params, grads) if id(p) in own and g is not None]
+        assert sum(float(g.abs().sum()) for g in own_grads) > 0, f"component {i} gets no gradient at all"
+    # the components partition the rule's parameters: nothing trained by nobody, nothing shared
+    ids = [id(p) for i in range(1, L + 1) for p in rule.component_parameters(i)]
+    assert len(ids) == len(set(ids)) == len(params)
+
+
+def test_train_step_gradient_equals_each_components_own_gradient():
+    """One backward of the summed objective = every component's backward of its own loss alone."""
+    rule = small_mlp_al()
+    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    total = sum(chained_local_losses(rule, x, y))
+    total.backward()
+    for i in range(1, len(rule.fold) + 1):
+        own = rule.component_parameters(i)
+        local = chained_local_losses(rule, x, y)[i - 1]
+        expected = torch.autograd.grad(local, own)
+        for p, g in zip(own, expected):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_inference_is_eq8_composition_by_hand():
+    rule = small_mlp_al().eval()
+    b = rule.model.blocks
+    lin = lambda blk, z: blk[0](z)  # noqa: E731  the Linear of a Linear+activation block
+    x = torch.randn(7, 1, 28, 28)
+    z = x.flatten(1)
+    s1 = F.elu(lin(b.l1, z))                          # f_1
+    s2 = F.elu(lin(b.l2, s1))                         # f_2
+    t2 = torch.sigmoid(lin(b.l4, torch.sigmoid(lin(b.l3, s2))))  # b_2 (2-layer top bridge)
+    t1 = torch.sigmoid(lin(b.l5, t2))                 # h_2
+    y_hat = torch.sigmoid(lin(b.l6, t1))              # h_1
+    with torch.no_grad():
+        got = rule.predict(x)
+    torch.testing.assert_close(got, torch.log(y_hat / y_hat.sum(1, keepdim=True)).detach())
+    assert rule.fold == [["l1"], ["l2"]] and rule.top_bridge == ["l3", "l4"] and rule.decoders == ["l6", "l5"]
+
+
+def test_al_lowers_every_local_loss_on_a_fixed_mnist_batch():
+    data = load_dataset("mnist", DATA, os.environ.get("BPFREE_CACHE", ".cache/bpfree"), subset=128)
+    x, y = data.train.x, data.train.y
+    rule = small_mlp_al(seed=3)
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
+    with torch.no_grad():
+        before = [float(v) for v in chained_local_losses(rule, x, y)]
+    for _ in range(40):
+        rule.train_step(x, y, opt)
+    with torch.no_grad():
+        after = [float(v) for v in chained_local_losses(rule, x, y)]
+    for i, (a, b) in enumerate(zip(before, after), start=1):
+        assert b < 0.7 * a, f"component {i}: local loss {a:.4f} -> {b:.4f}"
+
+
+def test_stepping_one_component_moves_only_its_parameters():
+    rule = small_cnn_al()
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-2)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    before = [p.detach().clone() for p in rule.parameters()]
+    times = rule.component_step_times(x, y, opt, repeats=1)
+    assert len(times) == len(rule.fold) and all(t > 0 for t in times)
+    # every component was stepped on its own: all parameters moved, each by its own component's step
+    moved = [not torch.equal(a, p) for a, p in zip(before, rule.parameters())]
+    assert all(moved)
+    s, t = rule._entry(x), rule._targets(y)
+    assoc, ae, *_ = rule.local_objective(1, s, t)
+    snap = [p.detach().clone() for p in rule.parameters()]
+    opt.zero_grad(set_to_none=True)
+    (assoc + ae).backward()
+    opt.step()
+    own = {id(p) for p in rule.component_parameters(1)}
+    for a, p in zip(snap, rule.parameters()):
+        assert torch.equal(a, p) != (id(p) in own)
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+def _build(c):
+    kw = {k: v for k, v in c["model"].items() if k != "name"}
+    model = build_model(c["model"]["name"], c["dataset"]["input_shape"], c["dataset"]["num_classes"], **kw)
+    mkw = {k: v for k, v in c["method"].items() if k != "name"}
+    return build_rule(c["method"]["name"], model, F.nll_loss, **mkw)
+
+
+@pytest.mark.parametrize("model", ["mlp1024", "cnn", "vgg", "resnet20fc", "resnet32fc"])
+def test_al_and_its_bp_baseline_have_identical_parameter_counts(model):
+    ds = "mnist" if model == "mlp1024" else "cifar10_jpeg"
+    # bridge_pool only shrinks the affiliated (training-only) bridges so the test stays light
+    al = _build(_compose("method=al", f"model={model}", f"dataset={ds}", "method.bridge_pool=2"))
+    bp = _build(_compose("method=bp", f"model={model}", f"dataset={ds}"))
+    counts = al.param_counts()
+    assert counts["effective"] == bp.param_counts()["total"]
+    assert counts["total"] == counts["effective"] + counts["affiliated"] > counts["effective"]
+    assert sum(v for k, v in counts.items() if k.startswith("component")) == counts["total"]
+
+
+def test_al_on_a_resnet_without_fc_layers_says_what_it_needs():
+    with pytest.raises(UnsupportedModel, match="resnet20fc"):
+        _build(_compose("method=al", "model=resnet20", "dataset=cifar10_jpeg", "model.fc=[]"))
+    with pytest.raises(UnsupportedModel, match="method.components"):  # conv blocks: no guessing
+        _build(_compose("method=al", "model=resnet20", "dataset=cifar10_jpeg", "method.components=null"))
+
+
+def test_al_on_plain_resnet20_gets_the_fc_stack_of_its_bp_twin():
+    al = _build(_compose("method=al", "model=resnet20", "dataset=cifar10_jpeg", "method.bridge_pool=2"))
+    bp = _build(_compose("method=bp", "model=resnet20fc", "dataset=cifar10_jpeg"))
+    assert al.param_counts()["effective"] == bp.param_counts()["total"]
+
+
+def test_paper_mlp_folds_as_section_5_2():
+    rule = _build(_compose("method=al", "model=mlp1024", "dataset=mnist"))
+    assert rule.fold == [["l1"], ["l2"]] and rule.top_bridge == ["l3", "l4"]
+    assert rule.t_widths == [10, 1024, 1024]
+    assert rule.model.blocks.l3[0].out_features == 5120  # the top bridge's 5120 neurons
+
+
+def _fake_cifar100(root: Path, n_train=40, n_test=20):
+    """Tiny files in CIFAR-100's real python-pickle format (the real dataset is not available offline)."""
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"fine_labels": list(rng.integers(0, 100, n)), b"coarse_labels": [0] * n}
+        with open(d / split, "wb") as f:
+            pickle.dump(blob, f)
+
+
+@pytest.mark.parametrize("model", ["mlp1024", "cnn"])
+def test_cifar100_configs_compose_and_train_on_generated_files(tmp_path, model):
+    _fake_cifar100(tmp_path)
+    c = _compose("method=al", f"model={model}", "dataset=cifar100", f"data.root={tmp_path}",
+                 "method.bridge_pool=2", "experiment=al_table4")
+    assert c["paper"] == "associated-learning" and c["table"] == "table4"
+    data = load_dataset("cifar100", str(tmp_path), str(tmp_path / "cache"))
+    rule = _build(c)
+    assert rule.t_widths[0] == 100
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-4)
+    out = rule.train_step(data.train.x[:8], data.train.y[:8], opt)
+    assert torch.isfinite(out["loss"])
+    assert rule.predict(data.test.x).shape == (20, 100)
+
+
+def test_class_distances_match_their_definition():
+    from bpfree.figures_al import class_distances
+
+    # two classes, two points each: class 0 at (0,0),(0,2); class 1 at (10,0),(10,2)
+    z = np.array([[0, 0], [0, 2], [10, 0], [10, 2]], dtype=float)
+    d = class_distances(z, np.array([0, 0, 1, 1]))
+    assert d["inter"] == pytest.approx(10.0)   # centroids (0,1) and (10,1)
+    assert d["intra"] == pytest.approx(2.0)    # mean pairwise distance inside each class
+    assert d["ratio"] == pytest.approx(5.0)
+
+
+def test_figures_render_bp_above_al(tmp_path):
+    from bpfree.figures_al import render
+
+    recs = []
+    for m in ("bp", "al"):
+        f = tmp_path / f"{m}.npz"
+        rng = np.random.default_rng(0)
+        np.savez(f, y=rng.integers(0, 10, 50).astype(np.int8), layers=np.array(["raw", "l2"]),
+                 emb_raw=rng.normal(size=(50, 2)), emb_l2=rng.normal(size=(50, 2)))
+        recs.append({"paper": "associated-learning", "table": "table7", "features": str(f), "model": "mlp",
+                     "dataset": "mnist", "method": m, "scale": "cpu"})
+    out = render(recs, tmp_path / "fig")
+    assert [p.name for p in out] == ["al_fig5_mlp_mnist.png"] and out[0].stat().st_size > 1000
