@@ -1,0 +1,22 @@
+"""Datasets as in-memory tensors, batched by index (no per-sample transforms in the training loop).
+
+`load_dataset(name, ...)` returns a `Splits`; its `task` names how runs on it are scored.
+"""
+from __future__ import annotations
+
+from bpfree.data.batching import Splits, TensorData, batches, jitter
+from bpfree.data.vision import VISION, DatasetUnavailable, is_available, load_vision
+
+
+def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, subset: int | None = None,
+                 test_subset: int | None = None) -> Splits:
+    if name in VISION:
+        s = load_vision(name, root, cache_dir, download=download, subset=subset)
+    else:
+        raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted(VISION))}")
+    if test_subset is not None:
+        s.test = TensorData(s.test.x[:test_subset], s.test.y[:test_subset])
+    return s
+
+
+__all__ = ["Splits", "TensorData", "batches", "jitter", "load_dataset", "is_available", "DatasetUnavailable"]
