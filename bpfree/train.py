@@ -177,9 +177,8 @@ def fit(
         history.append(entry)
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
-        if progress:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "epoch" and isinstance(v, float))
-            print(f"epoch {epoch + 1}/{epochs}: {shown}")
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "epoch" and isinstance(v, float))
+        print(f"epoch {epoch + 1}/{epochs}: {shown}", flush=True)
         if ckpt is not None:
             _atomic_torch_save({
                 "rule": rule.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,181 @@
+"""Abstracted gradients (abstracted-gradients §3.2-3.4): the backward pass skips regions of blocks.
+
+For a region of consecutive blocks [first..last] with input stream h_in and output h_out:
+  - the region's own parameters learn by backprop from G_i = dL/dh_out, as usual;
+  - the blocks before the region receive G_j = G_i M instead of the true gradient through the
+    region (eq. 1), so the two backward paths are independent (the depth-wise parallelism of §5.1).
+
+Mechanics (generic over any model exposing `model.blocks`): a forward-pre-hook on `first` remembers
+h_in and feeds the region a detached copy (no true gradient can reach the earlier blocks); a
+forward-hook on `last` wraps h_out in `_Skip`, an autograd Function that is the identity forward and,
+backward, sends G_i on into the region and G_i M to h_in. Streams may carry leading dimensions
+(B, d) or (B, T, d); M acts on the last (feature) dimension and, for the derived M, all leading
+positions are rows of the least-squares system.
+
+The three ways to form M, one method name each:
+  abstraction_identity        M = I (region input and output widths must be equal), §3.4
+  abstraction_block_identity  M = I_block = [I 0]: zero-pad / truncate between widths, §4.1
+  abstraction_derived         least-squares M from the batch's own activations, eq. 3-5, with the
+                              bias handled by augmenting h_in with a constant 1 (§3.3 note)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bpfree.models import blocks, span
+from bpfree.registry import RULES
+from bpfree.rules.base import LearningRule
+
+MODES = ("identity", "block_identity", "derived")
+
+
+def derived_map(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """Least-squares A (d_in+1, d_out) with [h_in, 1] A ≈ h_out (eq. 4-5; A = M^T in row convention).
+    h_in (N, d_in), h_out (N, d_out). The minimum-norm solution through the smaller Gram matrix,
+    solved in float64 with a pseudo-inverse, so N < d_in (batch 64 vs width 392) is safe."""
+    x = torch.cat([h_in, torch.ones_like(h_in[:, :1])], dim=1).double()  # (N, d_in+1)
+    y = h_out.double()
+    n, d = x.shape
+    if n <= d:  # A = X^T (X X^T)^+ Y
+        a = x.T @ (torch.linalg.pinv(x @ x.T, hermitian=True) @ y)
+    else:  # A = (X^T X)^+ X^T Y
+        a = torch.linalg.pinv(x.T @ x, hermitian=True) @ (x.T @ y)
+    return a.to(h_in.dtype)
+
+
+def map_gradient(mode: str, g_out: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor,
+                 where: str) -> torch.Tensor:
+    """G_j from G_i for one region. g_out, h_out (..., d_out); h_in (..., d_in) -> (..., d_in)."""
+    d_in, d_out = h_in.shape[-1], h_out.shape[-1]
+    if mode == "identity":
+        if h_in.shape != h_out.shape:
+            raise ValueError(
+                f"abstraction_identity needs equal widths at region {where}: its input is "
+                f"{tuple(h_in.shape)} but its output {tuple(h_out.shape)}; use method=abstraction_block_identity "
+                "or method=abstraction_derived, or choose a region with equal widths")
+        return g_out
+    if mode == "block_identity":  # [I 0]: keep the first min(d_in, d_out) features, zero the rest
+        return F.pad(g_out, (0, d_in - d_out)) if d_in >= d_out else g_out[..., :d_in]
+    a = derived_map(h_in.reshape(-1, d_in), h_out.reshape(-1, d_out))[:d_in]  # bias row carries no gradient
+    return g_out @ a.T
+
+
+class _Skip(torch.autograd.Function):
+    """Forward: h_out unchanged. Backward: G_i into the region, G_i M to the region's input."""
+
+    @staticmethod
+    def forward(ctx, h_in, h_out, mode, where):
+        ctx.save_for_backward(h_in.detach(), h_out.detach())
+        ctx.mode, ctx.where = mode, where
+        return h_out.view_as(h_out)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        h_in, h_out = ctx.saved_tensors
+        g_in = map_gradient(ctx.mode, g_out, h_in, h_out, ctx.where) if ctx.needs_input_grad[0] else None
+        return g_in, g_out, None, None
+
+
+class Abstraction(LearningRule):
+    """Keeps the default train step; the skip is wired into the model's blocks with hooks."""
+
+    def __init__(self, model, loss_fn, mode: str, regions=(("l2", "l4"),)):
+        super().__init__(model, loss_fn)
+        if mode not in MODES:
+            raise ValueError(f"unknown abstraction mode {mode!r}; valid: {MODES}")
+        self.mode = mode
+        self.regions: list[tuple[str, str]] = []
+        taken: dict[str, str] = {}
+        for region in regions:
+            if len(region) != 2:
+                raise ValueError(f"a region is [first, last] layer names, got {list(region)}")
+            first, last = str(region[0]), str(region[1])
+            names = span(model, first, last)
+            for n in names:
+                if n in taken:
+                    raise ValueError(f"regions overlap: {n} is in both {taken[n]} and {first}-{last}")
+                taken[n] = f"{first}-{last}"
+            self.regions.append((first, last))
+        self._inputs: dict[str, torch.Tensor] = {}   # region key -> h_in of the current forward
+        self._probe: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # set by diagnostics
+        b = blocks(model)
+        for first, last in self.regions:
+            key = f"{first}-{last}"
+            b[first].register_forward_pre_hook(self._enter(key))
+            b[last].register_forward_hook(self._leave(key))
+
+    def _enter(self, key):
+        def hook(module, args):
+            if not torch.is_grad_enabled():
+                return None
+            h_in = args[0]
+            self._inputs[key] = h_in
+            if self._probe is not None:  # diagnostics: plain backprop, just record the tensors
+                return None
+            return (h_in.detach(), *args[1:])
+        return hook
+
+    def _leave(self, key):
+        def hook(module, args, h_out):
+            if not torch.is_grad_enabled():
+                return None
+            h_in = self._inputs.pop(key)
+            if self._probe is not None:
+                self._probe[key] = (h_in, h_out)
+                return None
+            return _Skip.apply(h_in, h_out, self.mode, key)
+        return hook
+
+    def diagnostics(self, x, y) -> dict[str, float]:
+        """Per region, on the probe batch (treated as one training batch):
+        - abs_cos_*, abs_norm_ratio_*: cosine similarity and norm ratio between the abstracted
+          gradient G_i M and the true backprop gradient at the region's input, both from the true G_i;
+        - abs_fit_residual_*: relative residual ||[h_in,1]A - h_out|| / ||h_out|| of the least-squares
+          map fitted on the first half of the probe, on that half (0 whenever rows <= d_in + 1: the
+          system is underdetermined and M interpolates the batch, as at batch 64 / width 392);
+        - abs_heldout_residual_*: the same map's residual on the other half (does M generalise?)."""
+        was_training = self.training
+        self.eval()  # no dropout, frozen batch-norm statistics
+        self._probe = {}
+        try:
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model(x), y)
+                keys = list(self._probe)
+                tensors = [t for k in keys for t in self._probe[k]]
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        finally:
+            probe, self._probe = self._probe, None
+            self.train(was_training)
+        out = {}
+        for i, key in enumerate(keys):
+            h_in, h_out = (t.detach() for t in probe[key])
+            g_true, g_i = grads[2 * i], grads[2 * i + 1]
+            if g_true is None or g_i is None:  # region starts at the model input: nothing to compare
+                continue
+            g_abs = map_gradient(self.mode, g_i, h_in, h_out, key)
+            out[f"abs_cos_{key}"] = float(F.cosine_similarity(g_abs.flatten(), g_true.flatten(), dim=0))
+            out[f"abs_norm_ratio_{key}"] = float(g_abs.norm() / g_true.norm().clamp_min(1e-30))
+            d_in, d_out = h_in.shape[-1], h_out.shape[-1]
+            hi, ho = h_in.reshape(-1, d_in), h_out.reshape(-1, d_out)
+            half = len(hi) // 2
+            a = derived_map(hi[:half], ho[:half])
+            for name, rows in (("fit_residual", slice(None, half)), ("heldout_residual", slice(half, None))):
+                fit = torch.cat([hi[rows], torch.ones_like(hi[rows, :1])], 1) @ a
+                out[f"abs_{name}_{key}"] = float((fit - ho[rows]).norm() / ho[rows].norm().clamp_min(1e-30))
+        return out
+
+
+@RULES.register("abstraction_identity")
+def abstraction_identity(model, loss_fn, regions=(("l2", "l4"),)):
+    return Abstraction(model, loss_fn, "identity", regions)
+
+
+@RULES.register("abstraction_block_identity")
+def abstraction_block_identity(model, loss_fn, regions=(("l2", "l4"),)):
+    return Abstraction(model, loss_fn, "block_identity", regions)
+
+
+@RULES.register("abstraction_derived")
+def abstraction_derived(model, loss_fn, regions=(("l2", "l4"),)):
+    return Abstraction(model, loss_fn, "derived", regions)

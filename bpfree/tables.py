@@ -1,0 +1,260 @@
+"""Records + the papers' reported numbers -> results/tables/<paper>__<table>.{md,csv} (+ a learning-curve
+PNG). `python -m bpfree.tables` (make tables). Nothing here trains; every number of ours comes from a
+record, every paper number from results/reference.yaml, and a cell with no records says why.
+
+Layout (long format, one line per cell and metric):
+  row | column | metric | scale | ours (mean ± std) | n | paper (mean ± std) | ours - paper | z
+where z = (ours - paper) / sqrt(std_ours^2 + std_paper^2), blank when neither std is known.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bpfree.records import read_records
+
+DEFAULT_REFERENCE = "results/reference.yaml"
+
+
+def _paper_value(reported: dict, row: str, col: str, metric: str, single: bool):
+    v = reported.get(row, {}).get(col)
+    if isinstance(v, dict):
+        v = v.get(metric)
+    elif not single:
+        v = None
+    if v is None:
+        return None, None
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return float(v[0]), (float(v[1]) if len(v) > 1 else None)
+
+
+def _fmt(mean, std=None, digits=4) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _why_empty(column: str, records_for_table: list[dict], data_root: str | None) -> str:
+    from bpfree.data.vision import VISION, is_available
+
+    if column in VISION and data_root is not None and not is_available(column, data_root):
+        return f"no records: dataset {column} is not available offline here"
+    return "no records (not run yet)"
+
+
+def build_table(paper: str, table: str, spec: dict, records: list[dict], data_root: str | None) -> pd.DataFrame:
+    metrics, select = spec["metrics"], spec.get("select", "best")
+    reported = spec.get("reported", {})
+    labels = spec.get("labels", {})
+    single = len(metrics) == 1
+    cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    diverged: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in records:
+        key = (r["row"], r["column"], r["scale"])
+        if r["status"] == "ok":
+            cells[key].append(r)
+        else:
+            diverged[key] += 1
+    rows = list(spec.get("rows", [])) + sorted({k[0] for k in cells} - set(spec.get("rows", [])))
+    cols = list(spec.get("columns", [])) + sorted({k[1] for k in cells} - set(spec.get("columns", [])))
+    scales = sorted({k[2] for k in cells} | {k[2] for k in diverged}) or ["-"]
+    lines = []
+    for row in rows:
+        for col in cols:
+            present = [s for s in scales if (row, col, s) in cells or (row, col, s) in diverged]
+            for scale in present or ["-"]:
+                runs = cells.get((row, col, scale), [])
+                notes = []
+                if diverged.get((row, col, scale)):
+                    notes.append(f"{diverged[(row, col, scale)]} run(s) diverged (excluded)")
+                ds_notes = {r.get("dataset_note") for r in runs if r.get("dataset_note")}
+                notes += sorted(ds_notes)
+                for metric in metrics:
+                    vals = [r["metrics"][select].get(metric) for r in runs]
+                    vals = [v for v in vals if v is not None]
+                    mean = sum(vals) / len(vals) if vals else None
+                    std = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                           if len(vals) > 1 else None)
+                    p_mean, p_std = _paper_value(reported, row, col, metric, single)
+                    if not runs:
+                        note = _why_empty(col, records, data_root) if not notes else ""
+                        ours = note or "; ".join(notes)
+                    elif not vals:
+                        ours = f"n/a ({metric} not recorded: " + "; ".join(
+                            sorted({str(r["metrics"][select].get(f'{metric}_note', 'missing')) for r in runs})) + ")"
+                    else:
+                        ours = _fmt(mean, std)
+                    diff = mean - p_mean if (mean is not None and p_mean is not None) else None
+                    lines.append({
+                        "row": labels.get(row, row), "column": labels.get(col, col), "metric": metric,
+                        "scale": scale if runs else "", "ours": ours, "n": len(vals),
+                        "paper": _fmt(p_mean, p_std), "ours - paper": _fmt(diff) if diff is not None else "",
+                        "z": _z(diff, std, p_std),
+                        "notes": "; ".join(notes) if runs else "",
+                    })
+    return pd.DataFrame(lines)
+
+
+def _z(diff, std, p_std) -> str:
+    sigma = math.sqrt((std or 0.0) ** 2 + (p_std or 0.0) ** 2)
+    return f"{diff / sigma:+.1f}" if diff is not None and sigma > 0 else ""
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        out.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def _plot_curves(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
+    """Mean per-epoch curve of the table's first metric, one line per (row, column, scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = spec["metrics"][0]
+    groups: dict[str, list[list[float]]] = defaultdict(list)
+    for r in records:
+        series = [e[metric] for e in r["metrics"]["per_epoch"] if metric in e]
+        if series:
+            groups[f"{r['row']} / {r['column']} [{r['scale']}]"].append(series)
+    if not groups:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in sorted(groups.items()):
+        n = min(len(s) for s in runs)
+        mean = [sum(s[i] for s in runs) / len(runs) for i in range(n)]
+        ax.plot(range(1, n + 1), mean, marker="o", ms=3, label=f"{label} (n={len(runs)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{paper} {table}: {metric} per epoch (mean over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_diagnostics(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
+    """Per-epoch rule diagnostics (e.g. abs_cos_l2-l4: cosine between the rule's gradient and the true
+    one): one subplot per (diagnostic key, column), one line per row (method), mean over seeds.
+    Plotted keys are those starting with a prefix listed in the table spec's `diagnostics`."""
+    prefixes = tuple(spec.get("diagnostics", []))
+    if not prefixes:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)  # (key, column, row)
+    for r in records:
+        keys = {k for e in r["metrics"]["per_epoch"] for k in e if k.startswith(prefixes)}
+        for k in keys:
+            series[(k, r["column"], f"{r['row']} [{r['scale']}]")].append(
+                [e[k] for e in r["metrics"]["per_epoch"] if k in e])
+    if not series:
+        return False
+    keys = sorted({k for k, _, _ in series})
+    cols = [c for c in spec.get("columns", []) if any(c == col for _, col, _ in series)]
+    cols += sorted({c for _, c, _ in series} - set(cols))
+    fig, axes = plt.subplots(len(keys), len(cols), figsize=(4.2 * len(cols), 2.8 * len(keys)), squeeze=False)
+    for i, k in enumerate(keys):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            for (kk, cc, row), runs in sorted(series.items()):
+                if (kk, cc) != (k, c):
+                    continue
+                n = min(len(s) for s in runs)
+                ax.plot(range(1, n + 1), [sum(s[t] for s in runs) / len(runs) for t in range(n)],
+                        marker="o", ms=3, label=f"{row} (n={len(runs)})")
+            ax.set_title(f"{c}: {k}", fontsize=8)
+            ax.set_xlabel("epoch", fontsize=7)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if ax.lines:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"{paper} {table}: rule diagnostics per epoch (probe batch; mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_dir="results/tables",
+               data_root: str | None = None, plots: bool = True) -> list[Path]:
+    with open(reference) as f:
+        ref = yaml.safe_load(f) or {}
+    records = [r for r in read_records(records_dir) if r["paper"] != "adhoc"]
+    by_table: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        by_table[(r["paper"], r["table"])].append(r)
+    keys = {(p, t) for p, tables in ref.items() for t in tables} | set(by_table)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for paper, table in sorted(keys):
+        spec = ref.get(paper, {}).get(table) or {"metrics": ["test_acc"], "select": "best"}
+        recs = by_table.get((paper, table), [])
+        df = build_table(paper, table, spec, recs, data_root)
+        stem = out / f"{paper}__{table}"
+        df.to_csv(stem.with_suffix(".csv.tmp"), index=False)
+        os.replace(stem.with_suffix(".csv.tmp"), stem.with_suffix(".csv"))
+        n_runs = len(recs)
+        scales = sorted({r["scale"] for r in recs}) or ["none"]
+        header = [
+            f"# {paper} / {table}",
+            "",
+            spec.get("title", ""),
+            "",
+            f"Generated by `make tables` from {n_runs} run record(s) under {records_dir}/{paper}/{table}/; "
+            f"scale(s): {', '.join(scales)}. Ours: mean ± sample std over seeds ({spec.get('select', 'best')} "
+            "over epochs). Paper: the paper's reported figure (results/reference.yaml"
+            + (f"; {spec['source']}" if spec.get("source") else "") + "), never our run. "
+            "z = (ours - paper) / sqrt(std_ours² + std_paper²).",
+            "",
+            "",
+        ]
+        body = _markdown(df) if len(df) else "_no cells_"
+        figure = ""
+        if plots and recs and _plot_curves(paper, table, spec, recs, stem.with_suffix(".png")):
+            figure = f"\n\n![learning curves]({stem.name}.png)\n"
+        diag = stem.parent / f"{stem.name}__diagnostics.png"
+        if plots and recs and _plot_diagnostics(paper, table, spec, recs, diag):
+            figure += f"\n![rule diagnostics]({diag.name})\n"
+        _atomic_write(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
+        written.append(stem.with_suffix(".md"))
+    return written
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", default="results/records")
+    ap.add_argument("--reference", default=DEFAULT_REFERENCE)
+    ap.add_argument("--out", default="results/tables")
+    ap.add_argument("--data-root", default=os.environ.get("BPFREE_DATA", "data"),
+                    help="where datasets live (to say 'unavailable offline' for empty cells)")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    for p in render_all(a.records, a.reference, a.out, a.data_root, plots=not a.no_plots):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
