@@ -29,14 +29,19 @@ def words(text: str) -> list[str]:
     return _word_tokenizer().tokenize(text)
 
 
-def bleu(hyps: list[str], refs: list[str]) -> float:
+def _streams(refs) -> list[list[str]]:
+    """One reference per hypothesis (list[str]) or several reference streams (list[list[str]])."""
+    return [refs] if refs and isinstance(refs[0], str) else list(refs)
+
+
+def bleu(hyps: list[str], refs) -> float:
     h = [" ".join(words(s)) for s in hyps]
-    r = [" ".join(words(s)) for s in refs]
-    return sacrebleu.corpus_bleu(h, [r], tokenize="none", force=True).score / 100.0
+    r = [[" ".join(words(s)) for s in stream] for stream in _streams(refs)]
+    return sacrebleu.corpus_bleu(h, r, tokenize="none", force=True).score / 100.0
 
 
-def sacrebleu_score(hyps: list[str], refs: list[str]) -> float:
-    return sacrebleu.corpus_bleu(hyps, [refs]).score / 100.0
+def sacrebleu_score(hyps: list[str], refs) -> float:
+    return sacrebleu.corpus_bleu(hyps, _streams(refs)).score / 100.0
 
 
 def meteor(hyps: list[str], refs: list[str], nltk_data: str | None = None) -> float:
