@@ -41,6 +41,17 @@ class Classification:
 TASKS = {"classification": Classification}
 
 
+def smoothed_nll(logp: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean over real (non-PAD) target tokens of the label-smoothed NLL. logp (B, T, V) log-probabilities,
+    y (B, T) ids. Equals F.cross_entropy(..., label_smoothing, ignore_index=PAD) on log-probabilities,
+    without its second log_softmax over the vocabulary (a third of a small model's step on CPU)."""
+    lp, t = logp.flatten(0, 1), y.flatten()  # (B*T, V), (B*T,)
+    real = t != 0
+    lp, t = lp[real], t[real]
+    nll = -lp.gather(1, t[:, None]).squeeze(1)
+    return ((1.0 - smoothing) * nll - smoothing * lp.mean(1)).mean()
+
+
 class Translation:
     """Sequence-to-sequence: models emit log-probabilities (B, T, vocab) for the target positions.
 
@@ -82,13 +93,7 @@ class Translation:
                              "set dataset.num_classes >= dataset.vocab_size")
 
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # = F.cross_entropy(..., label_smoothing=ls, ignore_index=PAD) on log-probabilities, without
-        # its second log_softmax over the vocabulary (a third of a small model's step on CPU)
-        lp, t = output.flatten(0, 1), y.flatten()  # (B*T, V), (B*T,)
-        real = t != 0
-        lp, t = lp[real], t[real]
-        nll = -lp.gather(1, t[:, None]).squeeze(1)
-        return ((1.0 - self.ls) * nll - self.ls * lp.mean(1)).mean()
+        return smoothed_nll(output, y, self.ls)
 
     @torch.no_grad()
     def evaluate(self, predict, data: TensorData, batch_size: int) -> dict[str, float]:

@@ -98,6 +98,11 @@ TEXT = {
 }
 
 
+def text_available(name: str, root) -> bool:
+    spec = TEXT[name]
+    return all((Path(root) / f).exists() for pair in spec.files(*spec.langs).values() for f in pair)
+
+
 def _read_local(spec: TextSpec, root: Path, name: str, src: str, tgt: str) -> Pairs:
     files = spec.files(src, tgt)
     missing = [f for pair in files.values() for f in pair if not (root / f).exists()]
