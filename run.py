@@ -9,6 +9,7 @@ Only this file touches the DictConfig; everything below it takes plain arguments
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import sys
 import time
@@ -129,7 +130,11 @@ def main(cfg: DictConfig) -> None:
             return
         raise SystemExit(f"error: {e}")
     except (KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+        # configuration mistakes (unknown option, shape mismatch) read best as one line; a bug
+        # hiding behind the same types still shows its traceback with HYDRA_FULL_ERROR=1
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {e.args[0] if e.args else e}\n(set HYDRA_FULL_ERROR=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def _plot_diagnostics(paper: str, table: str, spec: dict, records: list[dict], p
     keys = sorted({k for k, _, _ in series})
     cols = [c for c in spec.get("columns", []) if any(c == col for _, col, _ in series)]
     cols += sorted({c for _, c, _ in series} - set(cols))
-    fig, axes = plt.subplots(len(keys), len(cols), figsize=(4.2 * len(cols), 2.8 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(cols), figsize=(max(6.0, 4.2 * len(cols)), 2.8 * len(keys)),
+                             squeeze=False)
     for i, k in enumerate(keys):
         for j, c in enumerate(cols):
             ax = axes[i][j]
@@ -188,7 +189,7 @@ def _plot_diagnostics(paper: str, table: str, spec: dict, records: list[dict], p
             ax.tick_params(labelsize=7)
             if ax.lines:
                 ax.legend(fontsize=6)
-    fig.suptitle(f"{paper} {table}: rule diagnostics per epoch (probe batch; mean over seeds)", fontsize=9)
+    fig.suptitle(f"{paper} {table}: rule diagnostics per epoch\n(fixed probe batch; mean over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
