@@ -110,7 +110,7 @@ class Translation:
     @torch.no_grad()
     def translate(self, model, src: torch.Tensor) -> list[str]:
         """src (N, S) ids -> detokenised hypotheses, decoded in length-sorted batches."""
-        from bpfree.data.text import PAD
+        from bpfree.data.text import PAD, UNK
 
         lens = (src != PAD).sum(1)
         order = torch.argsort(lens, stable=True)
@@ -119,7 +119,9 @@ class Translation:
             width = int(lens[idx].max())
             s = src[idx, :width]
             out = model.beam(s, self.beam_size, int(width * self.a) + self.b, self.length_penalty)
-            texts = self.sp.decode([r[r != PAD].tolist() for r in out.cpu()])
+            # ids the tokenizer lacks (a model wider than a small corpus's vocabulary) read as UNK
+            out = out.cpu().masked_fill(out.cpu() >= self.sp.get_piece_size(), UNK)
+            texts = self.sp.decode([r[r != PAD].tolist() for r in out])
             for i, t in zip(idx.tolist(), texts):
                 hyps[i] = t
         return hyps

@@ -357,3 +357,15 @@ def test_run_translation_end_to_end(tmp_path):
     per = rec["metrics"]["per_epoch"]
     assert rec["metrics"]["selected"]["selected_epoch"] == 1 + min(range(len(per)), key=lambda i: per[i]["val_loss"])
     assert rec["config"]["method"]["regions"] == [["E4", "E6"]]
+
+
+def test_transformer_config_builds_and_emits_log_probabilities():
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=transformer", "model.d_model=32", "model.heads=2", "model.ff=64"])
+    assert cfg.dataset.name == "multi30k"  # choosing the model selects its dataset
+    kw = {k: v for k, v in cfg.model.items() if k != "name"}
+    m = build_model("transformer", cfg.dataset.input_shape, cfg.dataset.num_classes, **kw).eval()
+    out = m(random_pairs(vocab=cfg.dataset.num_classes))
+    assert out.shape[-1] == cfg.dataset.num_classes
+    assert torch.allclose(out.exp().sum(-1), torch.ones(out.shape[:2]), atol=1e-4)

@@ -33,5 +33,5 @@ def available(name: str, root) -> bool:
     return text_available(name, root) if name in TEXT else is_available(name, root)
 
 
-__all__ = ["Splits", "TensorData", "batches", "length_batches", "jitter", "load_dataset", "is_available",
+__all__ = ["Splits", "TensorData", "TEXT", "VISION", "batches", "length_batches", "jitter", "load_dataset", "is_available",
            "available", "DatasetUnavailable"]

@@ -153,7 +153,8 @@ def train_tokenizer(texts: list[str], cache_dir: Path, key: dict, vocab_size: in
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_prefix=str(tmp), vocab_size=vocab_size,
             model_type=model_type, character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=BOS,
-            eos_id=EOS, num_threads=1, minloglevel=2,  # exactly vocab_size pieces, or a clear error
+            eos_id=EOS, num_threads=1, minloglevel=2,
+            hard_vocab_limit=False,  # a small corpus (subset) gets fewer pieces instead of an error
         )
         Path(f"{tmp}.vocab").replace(prefix.with_suffix(".vocab"))
         Path(f"{tmp}.model").replace(model)  # last: its presence means the pair is complete
