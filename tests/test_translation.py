@@ -369,3 +369,26 @@ def test_transformer_config_builds_and_emits_log_probabilities():
     out = m(random_pairs(vocab=cfg.dataset.num_classes))
     assert out.shape[-1] == cfg.dataset.num_classes
     assert torch.allclose(out.exp().sum(-1), torch.ones(out.shape[:2]), atol=1e-4)
+
+
+def test_derived_M_on_a_transformer_region_is_least_squares_over_all_token_positions():
+    """G_j = G_i M with M the least-squares map over every (sentence, position) row of the batch:
+    4 sentences x 7 source positions = 28 rows > 16 + 1 unknowns, so the solution is unique."""
+    from bpfree.tasks import Translation
+
+    torch.manual_seed(0)
+    m = build_model("transformer", (2, 32), 50, d_model=16, heads=4, ff=32, layers=3, dropout=0.0)
+    task = Translation.__new__(Translation)
+    task.ls = 0.0
+    build_rule("abstraction_derived", m, task.loss, regions=[["E2", "E3"]])
+    x = random_pairs(s=7, t=6)
+    y = torch.cat([x[:, 1, 1:], torch.full((len(x), 1), EOS)], 1)
+    h = {}
+    m.blocks["E1"].register_forward_hook(lambda mod, a, o: h.__setitem__("in", o))
+    m.blocks["E3"].register_forward_hook(lambda mod, a, o: h.__setitem__("out", o))
+    g_in, g_out = torch.autograd.grad(task.loss(m(x), y), [h["in"], h["out"]])
+    hin = h["in"].detach().reshape(-1, 16).double()
+    hout = h["out"].detach().reshape(-1, 16).double()
+    a = torch.linalg.lstsq(torch.cat([hin, torch.ones(len(hin), 1, dtype=torch.double)], 1), hout).solution  # (17, 16)
+    expect = (g_out.reshape(-1, 16).double() @ a[:16].T).reshape(g_in.shape)
+    assert torch.allclose(g_in.double(), expect, rtol=1e-3, atol=1e-7)

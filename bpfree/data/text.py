@@ -38,19 +38,21 @@ Pairs = dict[str, tuple[list[str], list[str]]]  # split -> (source sentences, ta
 class TextSpec:
     langs: tuple[str, str]                     # the pair as the files name it
     files: Callable[[str, str], dict[str, tuple[str, str]]]  # (src, tgt) -> split -> (src file, tgt file)
-    read: Callable[[list[Path]], list[list[str]]]  # files -> their sentences, aligned
+    read: Callable[[list[Path], Path], list[list[str]]]  # (files, cache dir) -> their sentences, aligned
     hub: str                                   # the Hugging Face id online users may point at
     missing: str                               # what to do when the files are absent
 
 
-def _hf_text(paths: list[Path]) -> list[list[str]]:
-    """One sentence per line, read with HF datasets' `text` builder (handles .gz)."""
+def _hf_text(paths: list[Path], cache: Path) -> list[list[str]]:
+    """One sentence per line, read with HF datasets' `text` builder (handles .gz); its Arrow files go
+    under data.cache_dir, not ~/.cache."""
     import datasets
 
     datasets.disable_progress_bars()
     out = []
     for p in paths:
-        ds = datasets.load_dataset("text", data_files=str(p), split="train", keep_in_memory=True)
+        ds = datasets.load_dataset("text", data_files=str(p), split="train", keep_in_memory=True,
+                                   cache_dir=str(cache / "hf_datasets"))
         out.append([s.strip() for s in ds["text"]])
     return out
 
@@ -58,7 +60,7 @@ def _hf_text(paths: list[Path]) -> list[list[str]]:
 _SEG = re.compile(r"<seg[^>]*>(.*?)</seg>", re.S)
 
 
-def _iwslt_read(paths: list[Path]) -> list[list[str]]:
+def _iwslt_read(paths: list[Path], cache: Path | None = None) -> list[list[str]]:
     """IWSLT 2017 release files: train.tags.* (metadata lines start with '<'; the rest are
     segments) or *.xml (segments in <seg> elements). Parsed as the HF `iwslt2017` script does."""
     import datasets
@@ -103,7 +105,7 @@ def text_available(name: str, root) -> bool:
     return all((Path(root) / f).exists() for pair in spec.files(*spec.langs).values() for f in pair)
 
 
-def _read_local(spec: TextSpec, root: Path, name: str, src: str, tgt: str) -> Pairs:
+def _read_local(spec: TextSpec, root: Path, cache: Path, name: str, src: str, tgt: str) -> Pairs:
     files = spec.files(src, tgt)
     missing = [f for pair in files.values() for f in pair if not (root / f).exists()]
     if missing:
@@ -113,7 +115,7 @@ def _read_local(spec: TextSpec, root: Path, name: str, src: str, tgt: str) -> Pa
         )
     out = {}
     for split, (fs, ft) in files.items():
-        s, t = spec.read([root / fs, root / ft])
+        s, t = spec.read([root / fs, root / ft], cache)
         if len(s) != len(t):
             raise ValueError(f"{name} {split}: {len(s)} source vs {len(t)} target sentences in {fs} / {ft}")
         out[split] = (s, t)
@@ -189,7 +191,7 @@ def load_text(name: str, root: str, cache_dir: str, download: bool = False, subs
     spec = TEXT[name]
     if {src_lang, tgt_lang} != set(spec.langs):
         raise ValueError(f"{name} pairs {spec.langs}; got src_lang={src_lang!r}, tgt_lang={tgt_lang!r}")
-    pairs = _read_hub(hub, src_lang, tgt_lang) if hub else _read_local(spec, Path(root), name, src_lang, tgt_lang)
+    pairs = _read_hub(hub, src_lang, tgt_lang) if hub else _read_local(spec, Path(root), Path(cache_dir), name, src_lang, tgt_lang)
     tr_src, tr_tgt = pairs["train"]
     if subset:
         tr_src, tr_tgt = tr_src[:subset], tr_tgt[:subset]
