@@ -33,7 +33,7 @@ tables: install ## rebuild results/tables/ from the committed records (no traini
 	$(PY) -m bpfree.tables
 
 bench: install ## step time of every method relative to backprop -> results/bench/
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 lint: install ## byte-compile everything (syntax) and check the configs compose
 	$(PY) -m compileall -q bpfree scripts run.py tests

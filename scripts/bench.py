@@ -121,7 +121,11 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     ap.add_argument("--cases", nargs="*", default=None, help=f"default: all of {[c.name for c in CASES]}")
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (1 gives stable ratios on a shared CPU)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     methods = a.methods or RULES.names()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
