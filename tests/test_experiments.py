@@ -14,8 +14,8 @@ SMOKE = ["data.subset=64", "data.test_subset=64", "trainer.epochs=1", "trainer.m
          "trainer.eval_batch_size=64", "trainer.probe_size=32"]
 
 
-TEXT_SMOKE = ["dataset.vocab_size=300", "dataset.eval.beam_size=1", "model.d_model=32", "model.heads=2",
-              "model.ff=64"]
+TEXT_SMOKE = ["dataset.vocab_size=300", "dataset.eval.beam_size=1", "dataset.eval.max_len_a=0.5",
+              "model.d_model=32", "model.heads=2", "model.ff=64"]
 
 
 @pytest.mark.parametrize("option", config_options("experiment"))

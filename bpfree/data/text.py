@@ -51,10 +51,16 @@ def _hf_text(paths: list[Path], cache: Path) -> list[list[str]]:
     datasets.disable_progress_bars()
     out = []
     for p in paths:
-        ds = datasets.load_dataset("text", data_files=str(p), split="train", keep_in_memory=True,
-                                   cache_dir=str(cache / "hf_datasets"))
-        out.append([s.strip() for s in ds["text"]])
+        key = (str(p), p.stat().st_mtime_ns)  # memoised per process: sweeps and tests read a corpus once
+        if key not in _LINES:
+            ds = datasets.load_dataset("text", data_files=str(p), split="train", keep_in_memory=True,
+                                       cache_dir=str(cache / "hf_datasets"))
+            _LINES[key] = tuple(s.strip() for s in ds["text"])
+        out.append(list(_LINES[key]))
     return out
+
+
+_LINES: dict[tuple[str, int], tuple[str, ...]] = {}
 
 
 _SEG = re.compile(r"<seg[^>]*>(.*?)</seg>", re.S)
