@@ -51,10 +51,14 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(c["seed"], tr["deterministic"])
     device = pick_device(tr["device"])
 
-    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset")})
-    task = TASKS[data.task](ds["num_classes"])
-    task.check(data.train, ds["name"])
-    task.check(data.test, ds["name"])
+    # a dataset's own settings (text: languages, vocabulary) go to its loader; `eval` ones to its task
+    options = {k: v for k, v in ds.items() if k not in ("name", "num_classes", "input_shape", "eval")}
+    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset")},
+                        **options)
+    task = TASKS[data.task](ds["num_classes"], **data.extras, **(ds.get("eval") or {}))
+    for split in (data.train, data.val, data.test):
+        if split is not None:
+            task.check(split, ds["name"])
 
     model_kw = {k: v for k, v in c["model"].items() if k != "name"}
     model = build_model(c["model"]["name"], ds["input_shape"], ds["num_classes"], **model_kw)
@@ -79,6 +83,12 @@ def run(cfg: DictConfig) -> dict:
         max_steps_per_epoch=tr["max_steps_per_epoch"], augment=augment,
         on_epoch=lambda e: logger.log({k: v for k, v in e.items() if k != "epoch"}, e["epoch"]),
     )
+    metrics = summarize(result.per_epoch, task.metrics)
+    if result.status == "ok" and hasattr(task, "final"):
+        # tasks scored once on a selected checkpoint (translation: decode + BLEU/METEOR/COMET) add
+        # those scores to `final`; `selected` says which epoch they come from
+        metrics["final"] |= task.final(rule, data, tr["eval_batch_size"])
+        metrics["selected"] = result.extras
     record = {
         "schema": SCHEMA_VERSION,
         "paper": c["paper"], "table": c["table"], "row": str(c["row"]), "column": str(c["column"]),
@@ -86,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
         "dataset": ds["name"], "dataset_note": data.note, "seed": c["seed"], "scale": c["scale"],
         "status": result.status, "message": result.message,
         "config": c,
-        "metrics": summarize(result.per_epoch, task.metrics),
+        "metrics": metrics,
         "params": rule.param_counts(),
         "timing": {
             "train_seconds": result.train_seconds,
@@ -99,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
     }
     path = write_record(record, record_path(c["records_dir"], c["paper"], c["table"], c["run_name"]))
     logger.finish(record["metrics"]["best"])
-    best = record["metrics"]["best"].get(task.primary)
+    best = record["metrics"]["best"].get(task.primary, record["metrics"]["final"].get(task.primary))
     print(f"record: {path}")
     print(f"status: {result.status}; best {task.primary}: {best if best is None else f'{best:.4f}'}; "
           f"final {task.primary}: {record['metrics']['final'].get(task.primary)}")

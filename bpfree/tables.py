@@ -45,7 +45,11 @@ def _fmt(mean, std=None, digits=4) -> str:
 def _why_empty(column: str, records_for_table: list[dict], data_root: str | None) -> str:
     from bpfree.data.vision import VISION, is_available
 
+    from bpfree.data.text import TEXT, text_available
+
     if column in VISION and data_root is not None and not is_available(column, data_root):
+        return f"no records: dataset {column} is not available offline here"
+    if column in TEXT and data_root is not None and not text_available(column, data_root):
         return f"no records: dataset {column} is not available offline here"
     return "no records (not run yet)"
 

@@ -41,7 +41,22 @@ def make_optimizer(params, name: str, lr: float, scheduler=None, **kw):
     interval = sched.pop("interval", "epoch")
     if kind == "multistep":
         return opt, torch.optim.lr_scheduler.MultiStepLR(opt, **sched), interval
-    raise ValueError(f"unknown optim.scheduler.name {kind!r}; valid: ['multistep']")
+    if kind == "noam":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, noam(**sched)), interval
+    raise ValueError(f"unknown optim.scheduler.name {kind!r}; valid: ['multistep', 'noam']")
+
+
+def noam(d_model: int, warmup: int):
+    """Vaswani et al. §5.3: lr = base_lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); step it
+    per batch (interval: step). base_lr (optim.lr) is OpenNMT's learning_rate factor (2.0)."""
+    if warmup < 1:
+        raise ValueError(f"noam warmup must be >= 1 step, got {warmup}")
+
+    def factor(step: int) -> float:
+        step = max(step, 1)  # LambdaLR asks for step 0 at construction
+        return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+    return factor
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -75,6 +90,13 @@ def fit(
 ) -> FitResult:
     device = torch.device(device)
     train, test = data.train.to(device), data.test.to(device)
+    val = data.val.to(device) if data.val is not None else None
+    # tasks may batch their own way (translation: length buckets); the default is `batches`
+    batch_fn = getattr(task, "batches", batches)
+    # tasks that score one chosen epoch (translation: lowest validation loss) name the metric here
+    select = getattr(task, "select", None)
+    best_state, best_value, best_epoch = None, None, 0
+    best_ckpt = Path(checkpoint_path) / "best.pt" if checkpoint_path else None
     # fixed held-out batch for the rule's per-epoch diagnostics (alignment with the true gradient, ...)
     probe_x, probe_y = test.x[:probe_size], test.y[:probe_size]
     history: list[dict] = []
@@ -89,6 +111,9 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         history, train_seconds, samples = state["history"], state["train_seconds"], state["samples"]
         start_epoch = state["epoch"]
+        best_value, best_epoch = state.get("best_value"), state.get("best_epoch", 0)
+        if best_epoch and best_ckpt is not None and best_ckpt.exists():
+            best_state = torch.load(best_ckpt, map_location="cpu", weights_only=False)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -99,7 +124,7 @@ def fit(
         sums: dict[str, torch.Tensor] = {}
         n_batches, bad = 0, None
         t0 = time.perf_counter()
-        it = batches(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment)
+        it = batch_fn(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment)
         total = math.ceil(len(train) / batch_size)
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
@@ -135,6 +160,17 @@ def fit(
 
         rule.eval()
         metrics = task.evaluate(rule.predict, test, eval_batch_size)
+        if val is not None:
+            metrics |= {"val_" + k.removeprefix("test_"): v
+                        for k, v in task.evaluate(rule.predict, val, eval_batch_size).items()}
+        if select is not None:
+            key, how = select
+            v = metrics[key]
+            if best_value is None or (v < best_value if how == "min" else v > best_value):
+                best_value, best_epoch = v, epoch + 1
+                best_state = {k: t.detach().to("cpu", copy=True) for k, t in rule.state_dict().items()}
+                if best_ckpt is not None:
+                    _atomic_torch_save(best_state, best_ckpt)
         diag = rule.diagnostics(probe_x, probe_y)
         entry = {"epoch": epoch + 1, **means, **metrics, **diag,
                  "epoch_train_seconds": time.perf_counter() - t0}
@@ -149,8 +185,13 @@ def fit(
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
                 "samples": samples, "rng_cpu": torch.get_rng_state(),
+                "best_value": best_value, "best_epoch": best_epoch,
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             }, ckpt)
         if on_epoch is not None:
             on_epoch(entry)
-    return FitResult("ok", history, train_seconds, samples, "", start_epoch)
+    extras = {}
+    if best_state is not None:  # score the selected epoch's weights, not the last ones
+        rule.load_state_dict(best_state)
+        extras = {"selected_epoch": best_epoch, f"selected_{select[0]}": best_value}
+    return FitResult("ok", history, train_seconds, samples, "", start_epoch, extras)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.models import build_model  # noqa: E402
 from bpfree.registry import RULES  # noqa: E402
 from bpfree.rules import UnsupportedModel, build_rule  # noqa: E402
-from bpfree.tasks import Classification  # noqa: E402
+from bpfree.tasks import Classification, smoothed_nll  # noqa: E402
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Case:
     model_kwargs: dict = field(default_factory=dict)
     steps: int = 30
     method_kwargs: dict = field(default_factory=dict)  # {method name: kwargs}, e.g. AL's fold of a conv net
+    task: str = "classification"  # translation: input_shape = (2, L) token ids, tokens/s reported
 
 
 _AL_RESNET = {"al": {"components": [["stem"], ["s1b*"], ["s2b*"], ["s3b*"]], "bridge_pool": 4}}
@@ -57,6 +58,12 @@ CASES = [
          steps=5, method_kwargs=_AL_RESNET),
     Case("al_resnet32fc_cifar_b32", "resnet32", (3, 32, 32), 10, 32, dict(fc=[1500, 300, 300, 300, 300]),
          steps=5, method_kwargs=_AL_RESNET),
+    # abstracted-gradients §4.2-4.3: 6+6-layer transformer, batch 32, ~20-piece Multi30k sentences,
+    # M over E4-E6. Paper width (d_model 512) and the CPU-scale width (128) used for our CPU tables.
+    *(Case(f"transformer{d}_multi30k_b32", "transformer", (2, 20), 8000, 32, steps=10, task="translation",
+           model_kwargs={"d_model": d, "heads": h, "ff": 4 * d, "layers": 6},
+           method_kwargs={m: {"regions": [["E4", "E6"]]} for m in ("abstraction_identity", "abstraction_derived")})
+      for d, h in ((512, 8), (128, 4))),
 ]
 
 
@@ -72,13 +79,19 @@ def _time_steps(rule, x, y, opt, device) -> float:
 
 def bench_case(case: Case, device: torch.device, methods: list[str], steps: int) -> list[dict]:
     torch.manual_seed(0)
-    x = torch.randn(case.batch_size, *case.input_shape, device=device)
-    y = torch.randint(0, case.num_classes, (case.batch_size,), device=device)
-    task = Classification(case.num_classes)
+    if case.task == "translation":  # token ids: (B, 2, L) source / BOS + target, (B, L) next pieces
+        x = torch.randint(4, case.num_classes, (case.batch_size, *case.input_shape), device=device)
+        x[:, 1, 0] = 2
+        y = torch.randint(4, case.num_classes, (case.batch_size, case.input_shape[1]), device=device)
+        loss = lambda out, t: smoothed_nll(out, t, 0.1)  # noqa: E731
+    else:
+        x = torch.randn(case.batch_size, *case.input_shape, device=device)
+        y = torch.randint(0, case.num_classes, (case.batch_size,), device=device)
+        loss = Classification(case.num_classes).loss
 
     def make(name):
         model = build_model(case.model, case.input_shape, case.num_classes, **case.model_kwargs)
-        rule = build_rule(name, model, task.loss, **case.method_kwargs.get(name, {})).to(device)
+        rule = build_rule(name, model, loss, **case.method_kwargs.get(name, {})).to(device)
         return rule, torch.optim.Adam(rule.parameters(), lr=1e-4)
 
     bp, bp_opt = make("bp")
@@ -86,8 +99,8 @@ def bench_case(case: Case, device: torch.device, methods: list[str], steps: int)
     for name in methods:
         try:
             rule, opt = make(name)
-        except UnsupportedModel as e:
-            print(f"  {name:28s} skipped: {e}")
+        except (UnsupportedModel, ValueError) as e:  # ValueError: e.g. its default regions name other layers
+            print(f"  {name:28s} skipped: {str(e).splitlines()[0]}")
             continue
         try:
             for _ in range(5):  # warm-up (allocator, lazy init, derived matrices)
@@ -106,12 +119,15 @@ def bench_case(case: Case, device: torch.device, methods: list[str], steps: int)
             "step_ms": 1000 * m_rule, "bp_step_ms": 1000 * m_bp, "samples_per_second": case.batch_size / m_rule,
             "step_time_ratio": m_rule / m_bp, "steps": steps,
         }
+        if case.task == "translation":
+            row["target_tokens_per_second"] = y.numel() / m_rule
         extra = getattr(rule, "bench_extras", None)  # e.g. per-component step times (associated learning)
         if callable(extra):
             row.update(extra(x, y))
         rows.append(row)
         print(f"  {name:28s} {row['step_ms']:8.3f} ms/step  {row['samples_per_second']:10.0f} samples/s  "
-              f"ratio to bp {row['step_time_ratio']:.2f}")
+              + (f"{row['target_tokens_per_second']:8.0f} tokens/s  " if "target_tokens_per_second" in row else "")
+              + f"ratio to bp {row['step_time_ratio']:.2f}")
     return rows
 
 

@@ -5,18 +5,33 @@
 from __future__ import annotations
 
 from bpfree.data.batching import Splits, TensorData, batches, jitter
+from bpfree.data.text import TEXT, length_batches, load_text, text_available
 from bpfree.data.vision import VISION, DatasetUnavailable, is_available, load_vision
 
 
 def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, subset: int | None = None,
-                 test_subset: int | None = None) -> Splits:
+                 test_subset: int | None = None, **options) -> Splits:
+    """`options` are the dataset's own settings from its config (text: languages, vocabulary size)."""
     if name in VISION:
-        s = load_vision(name, root, cache_dir, download=download, subset=subset)
+        s = load_vision(name, root, cache_dir, download=download, subset=subset, **options)
+    elif name in TEXT:
+        s = load_text(name, root, cache_dir, download=download, subset=subset, **options)
     else:
-        raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted(VISION))}")
+        raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted([*VISION, *TEXT]))}")
     if test_subset is not None:
         s.test = TensorData(s.test.x[:test_subset], s.test.y[:test_subset])
+        if s.val is not None:  # evaluation of every kind shrinks, or a smoke run still scores 1014 pairs
+            s.val = TensorData(s.val.x[:test_subset], s.val.y[:test_subset])
+        for k in ("test_src", "test_ref"):
+            if k in s.extras:
+                s.extras[k] = s.extras[k][:test_subset]
     return s
 
 
-__all__ = ["Splits", "TensorData", "batches", "jitter", "load_dataset", "is_available", "DatasetUnavailable"]
+def available(name: str, root) -> bool:
+    """Whether the dataset's files are under `root` (image or text)."""
+    return text_available(name, root) if name in TEXT else is_available(name, root)
+
+
+__all__ = ["Splits", "TensorData", "TEXT", "VISION", "batches", "length_batches", "jitter", "load_dataset", "is_available",
+           "available", "DatasetUnavailable"]

@@ -1,7 +1,7 @@
 """In-memory splits and index batching."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -26,6 +26,8 @@ class Splits:
     test: TensorData
     task: str = "classification"
     note: str = ""  # caveat carried into every record and table, e.g. "JPEG re-encoded (lossy)"
+    val: TensorData | None = None  # validation split, where the paper selects a checkpoint on it
+    extras: dict = field(default_factory=dict)  # what the task needs besides tensors (tokenizer, raw text)
 
 
 def batches(data: TensorData, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,

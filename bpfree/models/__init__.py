@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -40,6 +41,25 @@ def span(model: nn.Module, first: str, last: str) -> list[str]:
     if i > j:
         raise ValueError(f"layer span [{first}, {last}] is reversed; layers run in the order {names}")
     return names[i : j + 1]
+
+
+def _passthrough(stream, *args, **kwargs):
+    return stream
+
+
+@contextmanager
+def ablated(model: nn.Module, regions):
+    """Temporarily remove the layers of each [first, last] region: those blocks return their input
+    stream unchanged (abstracted-gradients §4.3 'removing those layers'), then are restored."""
+    names = [n for first, last in regions for n in span(model, first, last)]
+    b = blocks(model)
+    try:
+        for n in names:
+            b[n].forward = _passthrough  # instance attribute shadows the class's forward
+        yield names
+    finally:
+        for n in names:
+            b[n].__dict__.pop("forward", None)
 
 
 for _m in pkgutil.iter_modules(__path__):
