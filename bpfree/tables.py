@@ -89,7 +89,8 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                            if len(vals) > 1 else None)
                     p_mean, p_std = _paper_value(reported, row, col, metric, single)
                     if not runs:
-                        note = _why_empty(spec.get("dataset", col), records, data_root)  # spec.dataset: one dataset per table if not notes else ""
+                        # spec.dataset names the one dataset of a table whose columns are not datasets
+                        note = "" if notes else _why_empty(spec.get("dataset", col), records, data_root)
                         ours = note or "; ".join(notes)
                     elif not vals:
                         ours = f"n/a ({metric} not recorded: " + "; ".join(
@@ -204,10 +205,29 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key repeated in one mapping is an error: a repeated paper or table block
+    would otherwise silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: "
+                                 "merge the two blocks into one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_reference(path) -> dict:
+    with open(path) as f:
+        return yaml.load(f, Loader=_UniqueKeyLoader) or {}
+
+
 def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_dir="results/tables",
                data_root: str | None = None, plots: bool = True) -> list[Path]:
-    with open(reference) as f:
-        ref = yaml.safe_load(f) or {}
+    ref = load_reference(reference)
     records = [r for r in read_records(records_dir) if r["paper"] != "adhoc"]
     by_table: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:

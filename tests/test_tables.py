@@ -78,3 +78,13 @@ def test_committed_records_are_valid_and_tables_render(tmp_path):
     """The committed results/ render without training (what `make tables` does)."""
     written = render_all("results/records", "results/reference.yaml", tmp_path, data_root=None, plots=False)
     assert any(p.name == "abstracted-gradients__table1.md" for p in written)
+
+
+def test_reference_file_rejects_duplicate_blocks(tmp_path):
+    from bpfree.tables import load_reference
+
+    load_reference("results/reference.yaml")  # the committed file has no repeated paper/table
+    dup = tmp_path / "ref.yaml"
+    dup.write_text("p:\n  t1: {metrics: [a]}\np:\n  t2: {metrics: [b]}\n")
+    with pytest.raises(ValueError, match="duplicate key 'p'"):
+        load_reference(dup)
