@@ -88,3 +88,21 @@ def test_reference_file_rejects_duplicate_blocks(tmp_path):
     dup.write_text("p:\n  t1: {metrics: [a]}\np:\n  t2: {metrics: [b]}\n")
     with pytest.raises(ValueError, match="duplicate key 'p'"):
         load_reference(dup)
+
+
+def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
+    # abstracted-gradients Table 4's n = 6 column is Table 2's runs (the same config): borrowed, not re-run
+    recs = tmp_path / "records"
+    write_record(_rec(0, 0.30, column="multi30k") | {"table": "t2"}, recs / "p" / "t2" / "a.json")
+    write_record(_rec(0, 0.20, column="n3") | {"table": "t4"}, recs / "p" / "t4" / "b.json")
+    ref = tmp_path / "reference.yaml"
+    ref.write_text(yaml.safe_dump({"p": {
+        "t2": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["multi30k"]},
+        "t4": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["n6", "n3"],
+               "borrow": [{"table": "t2", "columns": {"multi30k": "n6"}}]}}}))
+    out = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path), plots=False)
+    t4 = next(p for p in out if p.name == "p__t4.md").read_text()
+    assert "| bp | n6 | test_acc | cpu | 0.3000 | 1 |" in t4 and "| bp | n3 | test_acc | cpu | 0.2000 | 1 |" in t4
+    assert "2 run record(s) under" in t4 and "/p/t2/" in t4
+    t2 = next(p for p in out if p.name == "p__t2.md").read_text()
+    assert "| bp | multi30k | test_acc | cpu | 0.3000 | 1 |" in t2  # the lender's own table is unchanged
