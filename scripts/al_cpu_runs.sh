@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
 # CPU-scale runs behind the committed associated-learning records (scale=cpu). The paper-scale configs
-# are conf/experiment/al_table{2,3,4,56}.yaml (200 epochs, paper widths); here, on 2 shared CPU cores:
-#   - MLPs at a quarter of the paper's width (n = 256: hidden 256-256-1280-256-256, 5n top bridge kept);
-#     the vanilla CNN at the paper's size, lower AL bridges average-pooled to 4x4 (method.bridge_pool=4);
-#   - training subsets and one epoch (set below per run; always the full test set), Adam lr 1e-3 for BP and AL alike (1e-4, the
-#     paper's, leaves AL near chance in a few hundred steps: its sigmoid t side starts slowly);
+# are conf/experiment/al_table{2,3,4,56}.yaml (200 epochs, paper widths); here, on 2 shared CPU cores,
+# one torch thread per run:
+#   - MLPs at a quarter of the paper's width (n = 256: hidden 256-256-1280-256-256, 5n top bridge kept):
+#     the paper's width costs ~3x more per AL step than per BP step and 650 s per MNIST epoch on one core;
+#   - the vanilla CNN, ResNets and VGG at the paper's size, lower AL bridges average-pooled to 4x4
+#     (method.bridge_pool=4);
+#   - the full training sets (60000 MNIST / 50000 cifar10_jpeg images) and the full test sets, for the epochs
+#     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
+#     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
 # Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python -m bpfree.figures_al <records>.
-# Usage: scripts/al_cpu_runs.sh [step ...]   steps: t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20
+# Usage: scripts/al_cpu_runs.sh [step ...]
+#   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
+# VGG (authors' 6-conv VGG, ~180 GFLOP per batch-32 step, over an hour per epoch on one core) is GPU-only.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-CPU=(scale=cpu trainer.progress=false optim.lr=1e-3)
+export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1
+EPOCHS_MLP=${EPOCHS_MLP:-20} EPOCHS_CNN_MNIST=${EPOCHS_CNN_MNIST:-2} EPOCHS_CNN=${EPOCHS_CNN:-3}
+EPOCHS_RESNET=${EPOCHS_RESNET:-3} MLP_METHODS=${MLP_METHODS:-bp al dtp}
+CPU=(scale=cpu trainer.progress=false trainer.num_threads=1 trainer.resume=true optim.lr=1e-3)
 MLP=(model=mlp1024 "model.hidden=[256,256,1280,256,256]")
-run() { echo "== $*"; /usr/bin/time -f "wall %e s" nice -n 10 "$PY" run.py "$@" "${CPU[@]}"; }
+run() { echo "== $(date +%T) $*"; /usr/bin/time -f "wall %e s" nice -n 10 "$PY" run.py "$@" "${CPU[@]}"; }
+# BP and AL on one conv model (AL's lower bridges pooled to 4x4); $1 = table experiment, $2 = model, rest = overrides
+pair() { local exp=$1 model=$2; shift 2
+  run experiment=$exp method=bp model=$model "$@"
+  run experiment=$exp method=al model=$model method.bridge_pool=4 "$@"; }
 steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20}")
 for s in ${steps[@]}; do case $s in
-  t2mlp) for m in bp al; do run experiment=al_table2 method=$m "${MLP[@]}" data.subset=20000 trainer.epochs=1; done ;;
-  t3mlp) for m in bp al; do run experiment=al_table3 dataset=cifar10_jpeg method=$m "${MLP[@]}" data.subset=20000 trainer.epochs=1; done ;;
-  t3cnn) run experiment=al_table3 dataset=cifar10_jpeg method=bp model=cnn data.subset=20000 trainer.epochs=1
-         run experiment=al_table3 dataset=cifar10_jpeg method=al model=cnn method.bridge_pool=4 data.subset=20000 trainer.epochs=1 ;;
-  t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" data.subset=20000 trainer.epochs=1
-         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" data.subset=20000 trainer.epochs=1
-         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" data.subset=20000 trainer.epochs=1 ;;
-  t2cnn) run experiment=al_table2 method=bp model=cnn data.subset=12800 trainer.epochs=1
-         run experiment=al_table2 method=al model=cnn method.bridge_pool=4 data.subset=12800 trainer.epochs=1 ;;
-  t3resnet20) run experiment=al_table3 dataset=cifar10_jpeg method=bp model=resnet20fc data.subset=12800 trainer.epochs=1
-         run experiment=al_table3 dataset=cifar10_jpeg method=al model=resnet20fc method.bridge_pool=4 data.subset=12800 trainer.epochs=1 ;;
+  t2mlp) for m in $MLP_METHODS; do run experiment=al_table2 method=$m "${MLP[@]}" trainer.epochs=$EPOCHS_MLP; done ;;
+  t3mlp) for m in $MLP_METHODS; do run experiment=al_table3 dataset=cifar10_jpeg method=$m "${MLP[@]}" trainer.epochs=$EPOCHS_MLP; done ;;
+  t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" trainer.epochs=$EPOCHS_MLP
+         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" trainer.epochs=$EPOCHS_MLP
+         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" trainer.epochs=$EPOCHS_MLP ;;
+  t2cnn) pair al_table2 cnn trainer.epochs=$EPOCHS_CNN_MNIST ;;
+  t3cnn) pair al_table3 cnn dataset=cifar10_jpeg trainer.epochs=$EPOCHS_CNN ;;
+  t3resnet20) pair al_table3 resnet20fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
+  t3resnet32) pair al_table3 resnet32fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
   features_mlp|features_cnn)
          nice -n 10 "$PY" -m bpfree.figures_al results/records/associated-learning/table3/{bp,al}-${s#features_}-cifar10_jpeg-s0.json ;;
   *) echo "unknown step $s"; exit 2 ;;
