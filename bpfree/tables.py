@@ -54,6 +54,12 @@ def _why_empty(column: str, records_for_table: list[dict], data_root: str | None
     return "no records (not run yet)"
 
 
+def _not_run(spec: dict, row: str, col: str) -> str | None:
+    """Why a cell is deliberately left empty: spec `not_run`, keyed "row/column", row, or column."""
+    why = spec.get("not_run", {})
+    return why.get(f"{row}/{col}") or why.get(row) or why.get(col)
+
+
 def build_table(paper: str, table: str, spec: dict, records: list[dict], data_root: str | None) -> pd.DataFrame:
     metrics, select = spec["metrics"], spec.get("select", "best")
     reported = spec.get("reported", {})
@@ -90,7 +96,10 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                     p_mean, p_std = _paper_value(reported, row, col, metric, single)
                     if not runs:
                         # spec.dataset names the one dataset of a table whose columns are not datasets
-                        note = "" if notes else _why_empty(spec.get("dataset", col), records, data_root)
+                        # a reason given in the spec (cell left out on purpose) beats the generic ones
+                        why = _not_run(spec, row, col)
+                        note = "" if notes else (f"no records: {why}" if why else
+                                                 _why_empty(spec.get("dataset", col), records, data_root))
                         ours = note or "; ".join(notes)
                     elif not vals:
                         ours = f"n/a ({metric} not recorded: " + "; ".join(

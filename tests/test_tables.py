@@ -106,3 +106,16 @@ def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
     assert "2 run record(s) under" in t4 and "/p/t2/" in t4
     t2 = next(p for p in out if p.name == "p__t2.md").read_text()
     assert "| bp | multi30k | test_acc | cpu | 0.3000 | 1 |" in t2  # the lender's own table is unchanged
+
+
+def test_cells_left_out_on_purpose_say_why(layout, tmp_path):
+    recs, ref = layout
+    spec = yaml.safe_load(ref.read_text())
+    spec["p"]["t1"]["not_run"] = {"fa/emnist": "paper has no such cell", "fa": "needs a GPU"}
+    ref.write_text(yaml.safe_dump(spec))
+    (md,) = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[5].strip()
+             for line in md.read_text().splitlines() if line.startswith("| ")}
+    assert cells[("fa", "emnist")] == "no records: paper has no such cell"  # row/column beats row
+    assert cells[("fa", "mnist")] == "no records: needs a GPU"
+    assert cells[("baseline", "mnist")] == "0.9700 ± 0.0100"  # a cell with runs is never replaced
