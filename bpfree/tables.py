@@ -54,6 +54,18 @@ def _why_empty(column: str, records_for_table: list[dict], data_root: str | None
     return "no records (not run yet)"
 
 
+def _budget(runs: list[dict]) -> list[str]:
+    """How long a cell's runs trained ("20 epochs", "1 epoch on 12800 images"): CPU-scale cells differ."""
+    out = set()
+    for r in runs:
+        cfg = r.get("config") or {}
+        epochs = (cfg.get("trainer") or {}).get("epochs")
+        subset = (cfg.get("data") or {}).get("subset")
+        if epochs is not None:
+            out.add(f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f" on {subset} images" if subset else ""))
+    return sorted(out)
+
+
 def _not_run(spec: dict, row: str, col: str) -> str | None:
     """Why a cell is deliberately left empty: spec `not_run`, keyed "row/column", row, or column."""
     why = spec.get("not_run", {})
@@ -86,7 +98,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                 if diverged.get((row, col, scale)):
                     notes.append(f"{diverged[(row, col, scale)]} run(s) diverged (excluded)")
                 ds_notes = {r.get("dataset_note") for r in runs if r.get("dataset_note")}
-                notes += sorted(ds_notes)
+                notes += sorted(ds_notes) + _budget(runs)
                 for metric in metrics:
                     vals = [r["metrics"][select].get(metric) for r in runs]
                     vals = [v for v in vals if v is not None]

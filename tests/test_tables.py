@@ -21,6 +21,7 @@ BASE = {
 def _rec(seed, acc, status="ok", row="bp", column="mnist"):
     r = copy.deepcopy(BASE)
     r.update(seed=seed, name=f"{row}-{column}-s{seed}", status=status, row=row, column=column)
+    r["config"] = {"trainer": {"epochs": 2}, "data": {"subset": None}}
     r["metrics"] = {"final": {"test_acc": acc - 0.01}, "best": {"test_acc": acc},
                     "per_epoch": [{"epoch": 1, "test_acc": acc - 0.01}, {"epoch": 2, "test_acc": acc}]}
     return r
@@ -46,7 +47,7 @@ def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
     text = md.read_text()
     # mean 0.97, sample std 0.01, n=3, beside the paper's 0.9763 and the difference
     assert "| baseline | mnist | test_acc | cpu | 0.9700 ± 0.0100 | 3 | 0.9763 ± 0.0020 | -0.0063 |" in text
-    assert "1 run(s) diverged (excluded)" in text
+    assert "1 run(s) diverged (excluded); 2 epochs |" in text  # how long the cell trained
     csv = (tmp_path / "out" / "p__t1.csv").read_text()
     assert "0.9700 ± 0.0100" in csv
 
