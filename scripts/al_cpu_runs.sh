@@ -4,7 +4,7 @@
 # one torch thread per run:
 #   - MLPs at a quarter of the paper's width (n = 256: hidden 256-256-1280-256-256, 5n top bridge kept):
 #     the paper's width costs ~3x more per AL step than per BP step and 650 s per MNIST epoch on one core;
-#   - the vanilla CNN, ResNets and VGG at the paper's size, lower AL bridges average-pooled to 4x4
+#   - the vanilla CNN and the ResNets at the paper's size, lower AL bridges average-pooled to 4x4
 #     (method.bridge_pool=4);
 #   - the full training sets (60000 MNIST / 50000 cifar10_jpeg images) and the full test sets, for the epochs
 #     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
