@@ -9,6 +9,8 @@ Only this file touches the DictConfig; everything below it takes plain arguments
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import random
 import sys
@@ -40,6 +42,18 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# settings a resumed run may change without changing what it trains (more epochs; how it is watched)
+RESUMABLE_CHANGES = {"trainer": ("epochs", "resume", "progress", "num_threads", "device"),
+                     "": ("logger", "records_dir", "checkpoint_dir")}
+
+
+def config_fingerprint(c: dict) -> str:
+    """Hash of the resolved config minus RESUMABLE_CHANGES: a checkpoint resumes only into its own config."""
+    kept = {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES[""]}
+    kept["trainer"] = {k: v for k, v in c["trainer"].items() if k not in RESUMABLE_CHANGES["trainer"]}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run(cfg: DictConfig) -> dict:
@@ -79,7 +93,8 @@ def run(cfg: DictConfig) -> dict:
         rule, task, data, optimizer, scheduler, scheduler_interval=interval,
         epochs=tr["epochs"], batch_size=tr["batch_size"], eval_batch_size=tr["eval_batch_size"],
         seed=c["seed"], device=device, checkpoint_path=c["checkpoint_dir"], resume=tr["resume"],
-        progress=tr["progress"], check_every=tr["check_every"], probe_size=tr["probe_size"],
+        fingerprint=config_fingerprint(c), progress=tr["progress"], check_every=tr["check_every"],
+        probe_size=tr["probe_size"],
         max_steps_per_epoch=tr["max_steps_per_epoch"], augment=augment,
         on_epoch=lambda e: logger.log({k: v for k, v in e.items() if k != "epoch"}, e["epoch"]),
     )

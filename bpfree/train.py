@@ -81,6 +81,7 @@ def fit(
     device: torch.device | str = "cpu",
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
+    fingerprint: str | None = None,
     progress: bool = True,
     check_every: int = 50,
     probe_size: int = 256,
@@ -105,6 +106,11 @@ def fit(
 
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
+        if fingerprint is not None and state.get("fingerprint") not in (None, fingerprint):
+            # resuming another configuration's weights would write a record that no config produced
+            raise ValueError(
+                f"{ckpt} was written by a different configuration than this run's; delete it, or set "
+                f"trainer.resume=false (start over) or another run_name / checkpoint_dir")
         rule.load_state_dict(state["rule"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -187,6 +193,7 @@ def fit(
                 "samples": samples, "rng_cpu": torch.get_rng_state(),
                 "best_value": best_value, "best_epoch": best_epoch,
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "fingerprint": fingerprint,
             }, ckpt)
         if on_epoch is not None:
             on_epoch(entry)

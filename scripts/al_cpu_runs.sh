@@ -4,7 +4,7 @@
 # one torch thread per run:
 #   - MLPs at a quarter of the paper's width (n = 256: hidden 256-256-1280-256-256, 5n top bridge kept):
 #     the paper's width costs ~3x more per AL step than per BP step and 650 s per MNIST epoch on one core;
-#   - the vanilla CNN, ResNets and VGG at the paper's size, lower AL bridges average-pooled to 4x4
+#   - the vanilla CNN and the ResNets at the paper's size, lower AL bridges average-pooled to 4x4
 #     (method.bridge_pool=4);
 #   - the full training sets (60000 MNIST / 50000 cifar10_jpeg images) and the full test sets, for the epochs
 #     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
@@ -13,7 +13,7 @@
 # Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python -m bpfree.figures_al <records>.
 # Usage: scripts/al_cpu_runs.sh [step ...]
 #   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
-# VGG (authors' 6-conv VGG, ~180 GFLOP per batch-32 step, over an hour per epoch on one core) is GPU-only.
+# VGG (the authors' 6-conv VGG) is GPU-only here: one BP step at batch 32 took 1.3-1.9 s on one core.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1

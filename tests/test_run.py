@@ -48,6 +48,13 @@ def test_resumed_run_ends_with_the_same_record(compose_run, tmp_path):
     assert _metrics_without_timing(resumed) == _metrics_without_timing(full)
 
 
+def test_resume_refuses_a_checkpoint_from_another_config(compose_run, tmp_path):
+    ck = "checkpoint_dir=" + str(tmp_path / "c")
+    run(compose_run([*SMALL, "trainer.epochs=1", ck, "run_name=x"]))
+    with pytest.raises(ValueError, match="trainer.resume=false"):
+        run(compose_run([*SMALL, "trainer.epochs=2", "trainer.resume=true", ck, "run_name=x", "optim.lr=3e-3"]))
+
+
 def test_nan_loss_ends_as_diverged_record_not_a_crash(compose_run):
     rec = run(compose_run([*SMALL, "trainer.epochs=2", "optim.lr=1e30", "trainer.check_every=1"]))
     assert rec["status"] == "diverged" and "optim.lr" in rec["message"]

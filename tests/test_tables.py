@@ -21,6 +21,7 @@ BASE = {
 def _rec(seed, acc, status="ok", row="bp", column="mnist"):
     r = copy.deepcopy(BASE)
     r.update(seed=seed, name=f"{row}-{column}-s{seed}", status=status, row=row, column=column)
+    r["config"] = {"trainer": {"epochs": 2}, "data": {"subset": None}}
     r["metrics"] = {"final": {"test_acc": acc - 0.01}, "best": {"test_acc": acc},
                     "per_epoch": [{"epoch": 1, "test_acc": acc - 0.01}, {"epoch": 2, "test_acc": acc}]}
     return r
@@ -46,7 +47,7 @@ def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
     text = md.read_text()
     # mean 0.97, sample std 0.01, n=3, beside the paper's 0.9763 and the difference
     assert "| baseline | mnist | test_acc | cpu | 0.9700 ± 0.0100 | 3 | 0.9763 ± 0.0020 | -0.0063 |" in text
-    assert "1 run(s) diverged (excluded)" in text
+    assert "1 run(s) diverged (excluded); 2 epochs |" in text  # how long the cell trained
     csv = (tmp_path / "out" / "p__t1.csv").read_text()
     assert "0.9700 ± 0.0100" in csv
 
@@ -88,3 +89,34 @@ def test_reference_file_rejects_duplicate_blocks(tmp_path):
     dup.write_text("p:\n  t1: {metrics: [a]}\np:\n  t2: {metrics: [b]}\n")
     with pytest.raises(ValueError, match="duplicate key 'p'"):
         load_reference(dup)
+
+
+def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
+    # abstracted-gradients Table 4's n = 6 column is Table 2's runs (the same config): borrowed, not re-run
+    recs = tmp_path / "records"
+    write_record(_rec(0, 0.30, column="multi30k") | {"table": "t2"}, recs / "p" / "t2" / "a.json")
+    write_record(_rec(0, 0.20, column="n3") | {"table": "t4"}, recs / "p" / "t4" / "b.json")
+    ref = tmp_path / "reference.yaml"
+    ref.write_text(yaml.safe_dump({"p": {
+        "t2": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["multi30k"]},
+        "t4": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["n6", "n3"],
+               "borrow": [{"table": "t2", "columns": {"multi30k": "n6"}}]}}}))
+    out = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path), plots=False)
+    t4 = next(p for p in out if p.name == "p__t4.md").read_text()
+    assert "| bp | n6 | test_acc | cpu | 0.3000 | 1 |" in t4 and "| bp | n3 | test_acc | cpu | 0.2000 | 1 |" in t4
+    assert "2 run record(s) under" in t4 and "/p/t2/" in t4
+    t2 = next(p for p in out if p.name == "p__t2.md").read_text()
+    assert "| bp | multi30k | test_acc | cpu | 0.3000 | 1 |" in t2  # the lender's own table is unchanged
+
+
+def test_cells_left_out_on_purpose_say_why(layout, tmp_path):
+    recs, ref = layout
+    spec = yaml.safe_load(ref.read_text())
+    spec["p"]["t1"]["not_run"] = {"fa/emnist": "paper has no such cell", "fa": "needs a GPU"}
+    ref.write_text(yaml.safe_dump(spec))
+    (md,) = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[5].strip()
+             for line in md.read_text().splitlines() if line.startswith("| ")}
+    assert cells[("fa", "emnist")] == "no records: paper has no such cell"  # row/column beats row
+    assert cells[("fa", "mnist")] == "no records: needs a GPU"
+    assert cells[("baseline", "mnist")] == "0.9700 ± 0.0100"  # a cell with runs is never replaced

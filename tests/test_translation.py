@@ -264,6 +264,18 @@ def test_ablation_removes_exactly_the_named_layers():
     assert calls == ["E1", "E2", "E3", "D1", "D2", "D3"]
 
 
+def test_decoding_with_decoder_layers_removed_equals_the_smaller_model():
+    # Table 6 scores D234/D345 after ablation: greedy and beam decoding must run with the cache of a
+    # removed decoder layer left empty, and decode exactly what a model without those layers decodes
+    m = tiny(layers=3).eval()
+    src = random_pairs()[:, 0]
+    smaller = copy.deepcopy(m)
+    del smaller.blocks["D2"], smaller.blocks["D3"]
+    with ablated(m, [["D2", "D3"]]):
+        assert torch.equal(m.greedy(src, 12), smaller.greedy(src, 12))
+        assert torch.equal(m.beam(src, 3, 12), smaller.beam(src, 3, 12))
+
+
 def test_identity_abstraction_passes_G_i_unchanged_on_a_transformer_region():
     from bpfree.tasks import Translation
 

@@ -201,10 +201,12 @@ class Seq2SeqTransformer(nn.Module):
 
 def _reorder(cache: dict, origin: torch.Tensor) -> None:
     """Give each surviving hypothesis its parent's self-attention keys/values. Cross-attention ones
-    are equal across the K beams of a sentence and `origin` never leaves a sentence, so they stay."""
+    are equal across the K beams of a sentence and `origin` never leaves a sentence, so they stay.
+    A removed (ablated) decoder layer never fills its entry, so it has nothing to reorder."""
     for layer in cache.values():
-        part = layer["self"]
-        part["k"], part["v"] = part["k"][origin], part["v"][origin]
+        part = layer.get("self")
+        if part is not None:
+            part["k"], part["v"] = part["k"][origin], part["v"][origin]
 
 
 def _strip(seqs: torch.Tensor) -> torch.Tensor:
