@@ -45,14 +45,14 @@ def pick_device(name: str) -> torch.device:
 
 
 # settings a resumed run may change without changing what it trains (more epochs; how it is watched)
-RESUMABLE_CHANGES = {"trainer": ("epochs", "resume", "progress", "num_threads", "device"),
-                     "": ("logger", "records_dir", "checkpoint_dir")}
+RESUMABLE_TOP = ("logger", "records_dir", "checkpoint_dir")
+RESUMABLE_TRAINER = ("epochs", "resume", "progress", "num_threads", "device")
 
 
 def config_fingerprint(c: dict) -> str:
-    """Hash of the resolved config minus RESUMABLE_CHANGES: a checkpoint resumes only into its own config."""
-    kept = {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES[""]}
-    kept["trainer"] = {k: v for k, v in c["trainer"].items() if k not in RESUMABLE_CHANGES["trainer"]}
+    """Hash of the resolved config minus the RESUMABLE_* keys: a checkpoint resumes only into its own config."""
+    kept = {k: v for k, v in c.items() if k not in RESUMABLE_TOP}
+    kept["trainer"] = {k: v for k, v in c["trainer"].items() if k not in RESUMABLE_TRAINER}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

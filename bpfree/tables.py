@@ -55,14 +55,14 @@ def _why_empty(column: str, records_for_table: list[dict], data_root: str | None
 
 
 def _budget(runs: list[dict]) -> list[str]:
-    """How long a cell's runs trained ("20 epochs", "1 epoch on 12800 images"): CPU-scale cells differ."""
+    """How long a cell's runs trained ("20 epochs", "1 epoch on 12800 examples"): CPU-scale cells differ."""
     out = set()
     for r in runs:
         cfg = r.get("config") or {}
         epochs = (cfg.get("trainer") or {}).get("epochs")
         subset = (cfg.get("data") or {}).get("subset")
         if epochs is not None:
-            out.add(f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f" on {subset} images" if subset else ""))
+            out.add(f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f" on {subset} examples" if subset else ""))
     return sorted(out)
 
 

@@ -18,7 +18,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1
 EPOCHS_MLP=${EPOCHS_MLP:-20} EPOCHS_CNN_MNIST=${EPOCHS_CNN_MNIST:-1} EPOCHS_CNN=${EPOCHS_CNN:-3}
-EPOCHS_RESNET=${EPOCHS_RESNET:-1} MLP_METHODS=${MLP_METHODS:-bp al dtp}
+EPOCHS_RESNET=${EPOCHS_RESNET:-1} EPOCHS_LAYERS=${EPOCHS_LAYERS:-10} MLP_METHODS=${MLP_METHODS:-bp al dtp}
 CPU=(scale=cpu trainer.progress=false trainer.num_threads=1 trainer.resume=true optim.lr=1e-3)
 MLP=(model=mlp1024 "model.hidden=[256,256,1280,256,256]")
 # DTP as Lee et al. 2015 ran it (the AL paper quotes their numbers): tanh units; with ReLU and He init its
@@ -29,14 +29,14 @@ run() { echo "== $(date +%T) $*"; /usr/bin/time -f "wall %e s" nice -n 10 "$PY" 
 pair() { local exp=$1 model=$2; shift 2
   run experiment=$exp method=bp model=$model "$@"
   run experiment=$exp method=al model=$model method.bridge_pool=4 "$@"; }
-steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20}")
+steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20 t3resnet32}")
 for s in ${steps[@]}; do case $s in
   t2mlp) for m in $MLP_METHODS; do run experiment=al_table2 method=$m "${MLP[@]}" $(for_method $m) trainer.epochs=$EPOCHS_MLP; done ;;
   t3mlp) for m in $MLP_METHODS; do
            run experiment=al_table3 dataset=cifar10_jpeg method=$m "${MLP[@]}" $(for_method $m) trainer.epochs=$EPOCHS_MLP; done ;;
-  t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" trainer.epochs=$EPOCHS_MLP
-         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" trainer.epochs=$EPOCHS_MLP
-         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" trainer.epochs=$EPOCHS_MLP ;;
+  t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" trainer.epochs=$EPOCHS_LAYERS
+         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" trainer.epochs=$EPOCHS_LAYERS
+         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" trainer.epochs=$EPOCHS_LAYERS ;;
   t2cnn) pair al_table2 cnn trainer.epochs=$EPOCHS_CNN_MNIST ;;
   t3cnn) pair al_table3 cnn dataset=cifar10_jpeg trainer.epochs=$EPOCHS_CNN ;;
   t3resnet20) pair al_table3 resnet20fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
