@@ -36,6 +36,11 @@ class Attention(nn.Module):
         """keep: (B, 1, 1, S) bool, True where a key may be attended. cache: dict holding this layer's
         keys/values between decoding steps; static=True: they depend only on kv_in (cross-attention
         over the encoder memory), so they are computed once."""
+        return self.o(self.attend(q_in, kv_in, keep, causal, cache, static))
+
+    def attend(self, q_in, kv_in=None, keep=None, causal=False, cache=None, static=False):
+        """The attention mixture before the output projection `o`, (B, T, d): the weight-free
+        sub-layer that target rules treat as one stage (bpfree/models/encoder.py)."""
         q = self.split(self.q(q_in))
         if cache is not None and static and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -49,7 +54,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0, is_causal=causal,
         )  # (B, h, T, dk)
-        return self.o(out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2).flatten(2)
 
 
 class FeedForward(nn.Sequential):
