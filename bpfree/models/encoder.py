@@ -95,6 +95,11 @@ class PostLNLayer(nn.Module):
         return self.ln2(self.drop(self.wo(self.act(self.wi(z2)))) + z2)
 
 
+def follow_dtype(ln: nn.LayerNorm):
+    """ln as a function that computes in its input's dtype (LRA forms its error units in float64)."""
+    return lambda a: F.layer_norm(a, ln.normalized_shape, ln.weight.to(a.dtype), ln.bias.to(a.dtype), ln.eps)
+
+
 class Head(nn.Module):
     def __init__(self, d: int, num_classes: int, pool: str):
         super().__init__()
@@ -165,18 +170,21 @@ class Encoder(nn.Module):
     def stages(self, x) -> tuple[torch.Tensor | None, list[Stage]]:
         """The chain for target rules: (real (N, T) bool or None, stages emb, L1.attn, L1.wn, L1.wi,
         L1.wo, ..., Ln.wo). Stage `emb` reads x; every later one reads the previous stage's output."""
-        real = self.padding_mask(x)
+        real = None if x is None else self.padding_mask(x)  # x=None: only the stages' names and weights
         keep = None if real is None else real[:, None, None, :]
         emb = self.blocks["emb"]
-        out = [Stage("emb", lambda x_, _: emb.tokens(x_), lambda a: emb.drop(emb.ln(a)), False, None)]
+        emb_ln = follow_dtype(emb.ln)
+        out = [Stage("emb", lambda x_, _: emb.tokens(x_), lambda a: emb.drop(emb_ln(a)), False, None)]
         for name, blk in self.blocks.items():
             if not name.startswith("L"):
                 continue
             out += [
                 Stage(f"{name}.attn", lambda z, _, b=blk: b.attn.attend(z, keep=keep), lambda a: a, False,
                       blk.attn.v.weight),
-                Stage(f"{name}.wn", lambda z, s, b=blk: b.drop(b.attn.o(z)) + s, blk.ln1, True, blk.attn.o.weight),
+                Stage(f"{name}.wn", lambda z, s, b=blk: b.drop(b.attn.o(z)) + s, follow_dtype(blk.ln1), True,
+                      blk.attn.o.weight),
                 Stage(f"{name}.wi", lambda z, _, b=blk: b.wi(z), blk.act, False, blk.wi.weight),
-                Stage(f"{name}.wo", lambda z, s, b=blk: b.drop(b.wo(z)) + s, blk.ln2, True, blk.wo.weight),
+                Stage(f"{name}.wo", lambda z, s, b=blk: b.drop(b.wo(z)) + s, follow_dtype(blk.ln2), True,
+                      blk.wo.weight),
             ]
         return real, out
