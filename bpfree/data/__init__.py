@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from bpfree.data.batching import Splits, TensorData, batches, jitter
+from bpfree.data.nli import NLI, load_nli, nli_available
 from bpfree.data.text import TEXT, length_batches, load_text, text_available
 from bpfree.data.vision import VISION, DatasetUnavailable, is_available, load_vision
 
@@ -16,8 +17,10 @@ def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, s
         s = load_vision(name, root, cache_dir, download=download, subset=subset, **options)
     elif name in TEXT:
         s = load_text(name, root, cache_dir, download=download, subset=subset, **options)
+    elif name in NLI:
+        s = load_nli(name, root, cache_dir, download=download, subset=subset, **options)
     else:
-        raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted([*VISION, *TEXT]))}")
+        raise KeyError(f"unknown dataset {name!r}; valid options: {', '.join(sorted([*VISION, *TEXT, *NLI]))}")
     if test_subset is not None:
         s.test = TensorData(s.test.x[:test_subset], s.test.y[:test_subset])
         if s.val is not None:  # evaluation of every kind shrinks, or a smoke run still scores 1014 pairs
@@ -30,6 +33,8 @@ def load_dataset(name: str, root: str, cache_dir: str, download: bool = False, s
 
 def available(name: str, root) -> bool:
     """Whether the dataset's files are under `root` (image or text)."""
+    if name in NLI:
+        return nli_available(name, root)
     return text_available(name, root) if name in TEXT else is_available(name, root)
 
 
