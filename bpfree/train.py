@@ -123,7 +123,9 @@ def fit(
         history, train_seconds, samples = state["history"], state["train_seconds"], state["samples"]
         start_epoch = state["epoch"]
         best_value, best_epoch = state.get("best_value"), state.get("best_epoch", 0)
-        if best_epoch and best_ckpt is not None and best_ckpt.exists():
+        if best_epoch and best_epoch == start_epoch:  # the best weights are last.pt's own (no best.pt)
+            best_state = {k: t.detach().to("cpu", copy=True) for k, t in state["rule"].items()}
+        elif best_epoch and best_ckpt is not None and best_ckpt.exists():
             best_state = torch.load(best_ckpt, map_location="cpu", weights_only=False)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -170,6 +172,7 @@ def fit(
             return FitResult("diverged", history, train_seconds, samples, msg, start_epoch)
 
         rule.eval()
+        drop_best = False
         metrics = task.evaluate(rule.predict, test, eval_batch_size)
         if val is not None:
             metrics |= {"val_" + k.removeprefix("test_"): v
@@ -180,8 +183,13 @@ def fit(
             if best_value is None or (v < best_value if how == "min" else v > best_value):
                 best_value, best_epoch = v, epoch + 1
                 best_state = {k: t.detach().to("cpu", copy=True) for k, t in rule.state_dict().items()}
-                if best_ckpt is not None:
-                    _atomic_torch_save(best_state, best_ckpt)
+                # last.pt (below) holds these very weights: a best.pt beside it would be a second copy
+                # (a transformer's is hundreds of MB); it is written only once last.pt moves past the best,
+                # and an older one is removed only after last.pt holds the new best (a kill in between
+                # must not lose the best weights)
+                drop_best = best_ckpt is not None and best_ckpt.exists()
+            elif best_ckpt is not None and not best_ckpt.exists() and best_state is not None:
+                _atomic_torch_save(best_state, best_ckpt)
         diag = rule.diagnostics(probe_x, probe_y)
         entry = {"epoch": epoch + 1, **means, **metrics, **diag,
                  "epoch_train_seconds": time.perf_counter() - t0}
@@ -200,6 +208,8 @@ def fit(
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "fingerprint": fingerprint,
             }, ckpt)
+            if drop_best:
+                best_ckpt.unlink()
         if on_epoch is not None:
             on_epoch(entry)
     extras = {}
