@@ -42,7 +42,8 @@ bench: install ## step time of every method relative to backprop (cases: experim
 verify-data: install ## check every dataset file under $(BPFREE_DATA) against its SHA256SUMS
 	$(PY) -m bpfree.data verify --root $(BPFREE_DATA)
 
-lint: install ## byte-compile everything (syntax) and check the configs compose
+lint: install ## ruff (pyproject [tool.ruff]), byte-compile everything, check the configs compose
+	$(VENV)/bin/ruff check .
 	$(PY) -m compileall -q bpfree scripts run.py tests
 	$(PY) -m pytest -q tests/test_config.py
 

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -66,8 +65,9 @@ def test_nan_loss_ends_as_diverged_record_not_a_crash(compose_run):
 def _cli(args, tmp_path, env_extra=None):
     env = {**os.environ, "BPFREE_DATA": str(data_root()), **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "run.py", *[a for a in args if a.startswith("-")], f"records_dir={tmp_path / 'rec'}", f"checkpoint_dir={tmp_path / 'ck'}",
-         f"hydra.run.dir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'multi'}", *[a for a in args if not a.startswith("-")]],
+        [sys.executable, "run.py", *[a for a in args if a.startswith("-")], f"records_dir={tmp_path / 'rec'}",
+         f"checkpoint_dir={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'multi'}",
+         *[a for a in args if not a.startswith("-")]],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
