@@ -66,6 +66,7 @@ def run(cfg: DictConfig, ident: Identity | None = None) -> dict:
         probe_size=tr["probe_size"],
         max_steps_per_epoch=tr["max_steps_per_epoch"], augment=b.augment,
         on_epoch=lambda e: logger.log({k: v for k, v in e.items() if k != "epoch"}, e["epoch"]),
+        engine=b.engine,
     )
     metrics = summarize(result.per_epoch, b.task.metrics)
     if result.status == "ok":

@@ -71,6 +71,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _staged_epoch(engine, batches_iter, max_steps):
+    """Adapt an engine epoch to the loop's (x, y) iteration: yields (None, (batch size, scalars))."""
+    sizes = []
+
+    def first_inputs():
+        for x, y in batches_iter:
+            sizes.append(len(y))
+            yield (x, None, y)
+
+    for n, scalars in zip(sizes, engine.run_epoch(first_inputs(), max_steps)):
+        yield None, (n, scalars)
+
+
 def fit(
     rule: LearningRule,
     task,
@@ -93,7 +106,10 @@ def fit(
     max_steps_per_epoch: int | None = None,
     augment: Callable | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    engine=None,
 ) -> FitResult:
+    """`engine` (bpfree.parallel.Engine, trainer.parallel): run each epoch's steps through a staged rule's
+    stages (the optimizer is then the engine's per-stage optimizers); otherwise rule.train_step per batch."""
     device = torch.device(device)
     train, test = data.train.to(device), data.test.to(device)
     val = data.val.to(device) if data.val is not None else None
@@ -142,14 +158,20 @@ def fit(
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
         bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        if engine is not None:
+            # the whole epoch runs through the stages first (a pipeline has no per-step join); its steps'
+            # scalars then pass through the same accounting and NaN checks
+            bar = _staged_epoch(engine, bar, max_steps_per_epoch)
         for step, (x, y) in enumerate(bar):
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
-            out = rule.train_step(x, y, optimizer)
+            out = y if engine is not None else rule.train_step(x, y, optimizer)  # staged: (n, scalars)
+            if engine is not None:
+                n_y, out = out
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            samples += len(y)
+            samples += n_y if engine is not None else len(y)
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
             if (step + 1) % check_every == 0:
