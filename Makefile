@@ -33,6 +33,7 @@ tables: install ## rebuild results/tables/ from the committed records (no traini
 	$(PY) -m bpfree.tables
 	$(PY) scripts/plot_feedback.py
 	$(PY) -m bpfree.figures_al --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
+	$(PY) experiments/backprop-free-transformers/figures.py   # figures the table specs ask for (accuracy/alignment vs depth)
 
 # a casual `make bench` writes the ignored runs/bench; BENCH_OUT=results/bench refreshes the committed rows
 BENCH_OUT ?= runs/bench
