@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bpfree.data import TEXT
+from bpfree.data.nli import NLI
 from bpfree.loggers import build_logger
 from bpfree.models import blocks, build_model
 from bpfree.rules import RULES, build_rule
@@ -23,11 +24,11 @@ def test_dataset_option_composes(option):
     cfg = compose_cfg([f"dataset={option}"])
     assert cfg.dataset.name == option  # file name = option name = record name
     # images (C, H, W); translation pairs (2, max_len): source and target token ids
-    assert cfg.dataset.num_classes > 1 and len(cfg.dataset.input_shape) == (2 if option in TEXT else 3)
+    assert cfg.dataset.num_classes > 1 and len(cfg.dataset.input_shape) == (2 if option in (*TEXT, *NLI) else 3)
 
 
 # sequence models take token ids and emit (B, T, vocab); tests/test_translation.py covers them
-SEQ_MODELS = {"transformer"}
+SEQ_MODELS = {"transformer", "encoder"}  # encoder: token ids (N, 2, L) in; tests/test_encoder.py covers it
 
 
 @pytest.mark.parametrize("option", [o for o in config_options("model") if o not in SEQ_MODELS])

@@ -13,7 +13,8 @@ Input, one of two kinds (`patch`):
   text   (patch=null): x (N, 2, L) int64, x[:, 0] token ids ([CLS] premise [SEP] hypothesis [SEP],
          PAD = 0 after), x[:, 1] segment ids (0 premise side, 1 hypothesis side); token + learned
          position + segment embeddings (bpfree/data/nli.py makes these tensors);
-  images (patch=p):    x (N, C, H, W) cut into (H/p)(W/p) non-overlapping p x p patches, each a token
+  images (patch=p):    x (N, C, H, W) cut into (H/p)(W/p) non-overlapping p x p patches (zero-padded
+         to a multiple of p), each a token
          (a Linear patch embedding), after a learned [CLS] vector: the CPU stand-in (MNIST, p=7 -> 16
          patches + CLS = 17 tokens).
 Both are followed by LayerNorm + dropout (BERT's embedding block).
@@ -58,10 +59,8 @@ class Embeddings(nn.Module):
             self.tok = nn.Embedding(vocab_size, d, padding_idx=PAD)
             self.seg = nn.Embedding(segments, d)
         else:              # images: input_shape (C, H, W)
-            c, h, w = input_shape
-            if h % patch or w % patch:
-                raise ValueError(f"model.patch={patch} does not divide the image size {h}x{w}")
-            positions = (h // patch) * (w // patch) + 1
+            c, h, w = input_shape  # an image not a multiple of patch is zero-padded at the bottom/right
+            positions = -(-h // patch) * -(-w // patch) + 1
             self.proj = nn.Linear(c * patch * patch, d)
             self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.pos = nn.Embedding(positions, d)
@@ -74,6 +73,7 @@ class Embeddings(nn.Module):
             e = self.tok(ids) + self.seg(seg)
         else:
             p = self.patch
+            x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
             t = F.unfold(x, p, stride=p).transpose(1, 2)  # (N, patches, C*p*p), row-major patches
             e = torch.cat([self.cls.expand(len(x), -1, -1), self.proj(t)], 1)
         return e + self.pos.weight[: e.shape[1]]

@@ -37,7 +37,9 @@ from bpfree.alignment import gradient_angles, layer_names, saved_grads, true_gra
 from bpfree.models import blocks as model_blocks
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
+from bpfree.models.encoder import Stage
 from bpfree.rules.feedback import random_like_layer
+from bpfree.rules.target_prop import mlp_layers
 
 
 def _sq(a, b, real, n):
@@ -57,22 +59,49 @@ def _dot(a, err, real, n):
     return p.sum() / n
 
 
+class _MLPChain:
+    """An MLP (bpfree.models.mlp, blocks of Linear + activation) seen as a chain: every block but the
+    last is a stage, the last is the head (no pooling). For a plain MLP method=dtp / lra are the
+    rules of target_prop.py / lra.py; this only lets the chain rules run on one too."""
+
+    def __init__(self, model, rule):
+        pairs = mlp_layers(model, rule)  # refuses anything else, naming what it needs
+        names = list(model.blocks)
+        self.stages_ = [Stage(n, (lambda z, _, lin=lin: lin(z.flatten(1))), act, False, lin.weight)
+                        for n, (lin, act) in zip(names, pairs[:-1])]
+        self.head_linear, act = pairs[-1]
+        self.head = lambda z, real: act(self.head_linear(z))
+
+    def stages(self, x):
+        return None, self.stages_
+
+    @staticmethod
+    def pool(z, real):
+        return z
+
+
 class ChainRule(LearningRule):
     def __init__(self, model, loss_fn, rule: str):
-        if not callable(getattr(model, "stages", None)):
-            raise UnsupportedModel(
-                f"{rule} needs a model that lists its sub-layers as a chain (`stages(x)`, e.g. "
-                f"model=encoder); {type(model).__name__} has none. For MLPs use method=dtp / lra")
         super().__init__(model, loss_fn)
-        self.head = list(model_blocks(model).values())[-1]
-        _, st = model.stages(None)
+        if callable(getattr(model, "stages", None)):
+            head = list(model_blocks(model).values())[-1]
+            self.head, self.pool, self._stages = head, head.pool, model.stages
+            self.head_linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+        else:
+            chain = _MLPChain(model, rule)
+            self.head, self.pool, self._stages, self.head_linear = chain.head, chain.pool, chain.stages, chain.head_linear
+        _, st = self._stages(None)
+        if len(st) < 2:
+            raise UnsupportedModel(f"{rule} over a chain needs at least two stages below the head; "
+                                   f"{type(model).__name__} has {len(st)}")
         self.names = [s.name for s in st]
         # width of each stage's output z_{k+1}: from its weight (out, in); emb's is the next stage's input
-        self.widths = [st[1].weight.shape[1]] + [s.weight.shape[0] for s in st[1:]]
+        self.widths = [s.weight.shape[0] if s.weight is not None else st[k + 1].weight.shape[1]
+                       for k, s in enumerate(st)]
 
     def forward_all(self, x):
         """real, stages, z_0..z_K (z_0 = x), pre-activations a_0..a_{K-1} and side inputs, no graph."""
-        real, st = self.model.stages(x)
+        real, st = self._stages(x)
         z, pre, side = [x], [], []
         with torch.no_grad():
             for k, s in enumerate(st):
@@ -179,12 +208,11 @@ class ChainLRA(ChainRule):
     def __init__(self, model, loss_fn, beta: float):
         super().__init__(model, loss_fn, "lra")
         self.beta = beta
-        _, st = model.stages(None)
+        _, st = self._stages(None)
         # E_k for stages k = 1..K-1 (in the stage weight's shape) and for the head's Linear
         self.error_weights = nn.ParameterDict({
             self.names[k].replace(".", "_"): nn.Parameter(random_like_layer(st[k].weight))
             for k in range(1, len(st))})
-        self.head_linear = [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
         self.error_weights["head"] = nn.Parameter(random_like_layer(self.head_linear.weight))
         self._weights = {self.names[k].replace(".", "_"): st[k].weight for k in range(1, len(st))}
         self._weights["head"] = self.head_linear.weight
@@ -194,13 +222,13 @@ class ChainLRA(ChainRule):
         K, n = len(st), len(y)
         with torch.no_grad():
             z_top = z[K]
-            logits = self.head_linear(self.head.pool(z_top, real))
+            logits = self.head_linear(self.pool(z_top, real))
             e = (F.softmax(logits, -1) - F.one_hot(y, logits.shape[-1])).double()  # (N, classes)
             disp = e @ self.error_weights["head"].double()  # (N, d)
         # spread the pooled displacement over the positions the pooling read (its transpose; no weights)
         with torch.enable_grad():
             zz = z_top.double().requires_grad_(True)
-            (spread,) = torch.autograd.grad(self.head.pool(zz, real), zz, disp)
+            (spread,) = torch.autograd.grad(self.pool(zz, real), zz, disp)
         with torch.no_grad():
             err = {K: z_top.double() - st[K - 1].act(pre[K - 1].double() - self.beta * spread)}
             for k in range(K - 1, 0, -1):  # stage k's error weights send err_{k+1} to a_{k-1}
