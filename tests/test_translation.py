@@ -336,7 +336,9 @@ def test_tiny_transformer_overfits_32_pairs(tmp_path):
             loss.backward()
             opt.step()
     m.eval()
-    hyps = task.translate(m, train.x[:, 0])
+    from bpfree.rules import build_rule
+
+    hyps = task.translate(build_rule("bp", m, task.loss), train.x[:, 0])  # decoded through rule.decode
     refs = task.sp.decode([r[(r != PAD) & (r != EOS)].tolist() for r in train.y])
     assert mt.sacrebleu_score(hyps, refs) > 0.95
     assert mt.bleu(hyps, refs) > 0.95
