@@ -22,7 +22,9 @@ REQUIRED = {
     "method": str, "model": str, "dataset": str, "seed": int, "scale": str, "status": str,
     "config": dict, "metrics": dict, "timing": dict, "env": dict, "params": dict,
 }
-STATUSES = ("ok", "diverged")
+# unavailable: a sweep job whose dataset was not there; its record says so, so a table's empty cell reads
+# the same on every machine (it never looks at the renderer's filesystem)
+STATUSES = ("ok", "diverged", "unavailable")
 
 
 def record_path(records_dir, paper: str, table: str, name: str) -> Path:
@@ -211,6 +213,16 @@ def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
 
 class RecordConflict(ValueError):
     """A record for a different configuration is already at the path this run would write."""
+
+
+def holds_a_run(path: Path) -> bool:
+    """Whether the record at `path` is of a run that trained (ok or diverged): an 'unavailable' record
+    must never replace it (a sweep on a machine without the data would erase the results)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") in ("ok", "diverged")
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def check_replaceable(path: Path, c: dict) -> None:
