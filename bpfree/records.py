@@ -234,10 +234,12 @@ def check_replaceable(path: Path, c: dict) -> None:
         return
     try:
         with open(path) as f:
-            old = json.load(f).get("config") or {}
+            held = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise RecordConflict(f"{path} exists but cannot be read ({e}); move it away before rerunning") from e
-    diff = config_differences(old, c)
+    if held.get("status") == "unavailable":
+        return  # a note that the data was missing holds no results: any run may take its place
+    diff = config_differences(held.get("config") or {}, c)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise RecordConflict(
