@@ -232,10 +232,12 @@ class AssociatedLearning(LearningRule):
         return F.one_hot(y, self.num_classes).float()  # t_0: (B, classes)
 
     # ---- stages (bpfree/parallel.py): components grouped into k pipeline stages ---------------
-    def stage_defs(self, k: int, sample: tuple | None = None) -> list:
+    def stage_defs(self, k: int, sample: tuple | None = None, concurrent: bool = False) -> list:
         """k stages of consecutive components, balanced by each component's measured update time on
-        `sample` = (x, y) (parameter counts without one). Stage inputs/outputs: (s, t, y), detached; the
-        last stage also reports the batch's eq. 8 training accuracy, as train_step does."""
+        `sample` = (x, y) (parameter counts without one). Stage inputs/outputs: (s, t, y), detached. Run in
+        order (not `concurrent`), the last stage also reports the batch's eq. 8 training accuracy as
+        train_step does; run concurrently it cannot: eq. 8 decodes through every component's h_i, which
+        the other stages are updating at that moment, so the figure would depend on thread timing."""
         from bpfree.parallel import StageDef, balance
 
         L = len(self.fold)
@@ -267,7 +269,7 @@ class AssociatedLearning(LearningRule):
             def accuracy():  # eq. 8 on this batch with the just-updated decoders, as train_step
                 return {"acc": (self._decode(last["s_bridged"]).argmax(1) == last["y"]).float().mean()}
 
-            return forward_backward, (accuracy if comps[-1] == L else None)
+            return forward_backward, (accuracy if comps[-1] == L and not concurrent else None)
 
         stages = []
         for g in groups:
