@@ -47,6 +47,7 @@ class StageDef:
     # decoders, as its train_step does); called in the stage's own thread, right after the step. Under a
     # concurrent backend it may read only this stage's own parameters (the others are moving).
     after_step: Callable[[], dict] | None = None
+    parts: list[int] = field(default_factory=list)  # which of the rule's parts (e.g. AL components, 0-based)
 
 
 class StagedOptimizers:

@@ -5,7 +5,9 @@ On the same cores, model, batch and data (real MNIST batches), for `--steps` tra
 - bp_pipeline: backprop as ordinary pipeline parallelism over 2 processes (torch.distributed.pipelining
                ScheduleGPipe, gloo, the batch split into `--microbatches`), one thread each;
 - sequential:  the decoupled rule's stages run in order, one thread (bpfree.parallel, backend sequential);
-- staged:      the same stages, one thread per stage in one process (backend threads).
+- staged:      the same stages, one thread per stage in one process (backend threads), and one process per
+               stage over gloo (torch.distributed isend/recv of each batch's detached messages; this
+               script's own loop: the trainer's processes backend does not exist yet).
 Each row: mode, backend, method, model, samples_per_s, ratio_to_bp_best, ratio_to_bp_pipeline,
 fraction_of_ideal (staged / ideal, ideal = sequential throughput x sum of stage times / slowest stage),
 bubble (1 - busy time / (stages x wall)), peak RSS, and test_acc after those steps (bp_pipeline: not
@@ -143,6 +145,84 @@ def _pipeline_worker(rank, port, overrides, batch_size, steps, microbatches, out
     dist.destroy_process_group()
 
 
+def _staged_worker(rank, port, overrides, batch_size, steps, groups, out_path):
+    """One stage of the rule per process (gloo, one thread each): rank 0 runs stage 1 and sends each batch's
+    detached (s, t, y) to rank 1 with isend, overlapping the next batch's compute; rank 1 receives and runs
+    stage 2. Same seed, same batches, same partition (`groups`) as the threads row. At the end rank 1 sends
+    its stage's weights to rank 0, which scores the whole rule on the test set."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    c = _cfg(overrides, batch_size, 1)
+    data = load_dataset("mnist", root=c["data"]["root"], cache_dir=c["data"]["cache_dir"])
+    b = build(c, data=data)
+    stages = b.rule.stage_defs(2, None, concurrent=True, groups=groups)
+    stage = stages[rank]
+    opt = type(b.optimizer)(stage.params, **b.optimizer.defaults)
+    it = batches(data.train, batch_size, shuffle=True, seed=0, epoch=0)
+    chosen = [next(it) for _ in range(steps)]
+    # message shapes, from one batch through stage 1 (its gradients are dropped below; no step is taken)
+    (s0, t0, _), _ = stage.forward_backward((chosen[0][0], None, chosen[0][1])) if rank == 0 else ((None,) * 3, {})
+    shapes = [list(s0.shape), list(t0.shape)] if rank == 0 else [None, None]
+    dist.broadcast_object_list(shapes, src=0)
+    opt.zero_grad(set_to_none=True)
+    busy, pending = 0.0, []
+    dist.barrier()
+    t_start = time.perf_counter()
+    for x, y in chosen:
+        if rank == 0:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            (s, t, _), _ = stage.forward_backward((x, None, y))
+            opt.step()
+            busy += time.perf_counter() - t0
+            for w in pending:
+                w.wait()
+            pending = [dist.isend(s.contiguous(), 1), dist.isend(t.contiguous(), 1), dist.isend(y, 1)]
+        else:
+            s, t, yy = torch.empty(shapes[0]), torch.empty(shapes[1]), torch.empty(len(y), dtype=torch.long)
+            for buf in (s, t, yy):
+                dist.recv(buf, 0)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            stage.forward_backward((s, t, yy))
+            opt.step()
+            busy += time.perf_counter() - t0
+    for w in pending:
+        w.wait()
+    dist.barrier()
+    wall = time.perf_counter() - t_start
+    busy_all = [None, None]
+    dist.all_gather_object(busy_all, busy)
+    for prm in stages[1].params:  # gather stage 2's weights on rank 0 for the test score
+        if rank == 1:
+            dist.send(prm.detach().contiguous(), 0)
+        else:
+            buf = torch.empty_like(prm)
+            dist.recv(buf, 1)
+            prm.data.copy_(buf)
+    if rank == 0:
+        n = sum(len(y) for _, y in chosen)
+        Path(out_path).write_text(json.dumps({
+            "samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy_all,
+            "bubble": 1 - sum(busy_all) / (2 * wall), "test_acc": _test_acc(b.rule, b.data),
+            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    dist.destroy_process_group()
+
+
+def staged_processes(overrides, batch_size, steps, groups) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "staged.json"
+        mp.spawn(_staged_worker, args=(_free_port(), overrides, batch_size, steps, groups, str(out)),
+                 nprocs=2, join=True)
+        return json.loads(out.read_text())
+
+
 def bp_pipeline(overrides, batch_size, steps, microbatches) -> dict:
     import tempfile
 
@@ -185,15 +265,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     seq = _train(_cfg(overrides, bs, 1, "sequential"), data, a.steps)
     row("sequential", "sequential", seq, 1, 2)
-    staged = _train(_cfg(overrides, bs, 1, "threads"), data, a.steps)
+    staged_cfg = _cfg(overrides, bs, 1, "threads")
+    staged = _train(staged_cfg, data, a.steps)
     busy = staged["stage_busy_s"]
     ideal = seq["samples_per_s"] * sum(seq["stage_busy_s"]) / max(seq["stage_busy_s"])
     staged |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": staged["samples_per_s"] / ideal,
                "bubble": 1 - sum(busy) / (len(busy) * staged["wall_s"]),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     row("staged", "threads", staged, 1, 2)
-    rows.append({"mode": "staged", "backend": "processes", "method": method, "model": model,
-                 "skipped": "the processes backend (torch.distributed, one process per stage) is not implemented yet"})
+    groups = [s.parts for s in build(staged_cfg, data=data).engine.stages]  # the threads row's partition
+    proc = staged_processes(overrides, bs, a.steps, groups)
+    proc |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": proc["samples_per_s"] / ideal}
+    row("staged", "processes", proc, 1, 2)
     for r in rows:
         if "samples_per_s" in r:
             r["ratio_to_bp_best"] = r["samples_per_s"] / best["samples_per_s"]
