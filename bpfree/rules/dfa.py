@@ -168,9 +168,7 @@ class _ConvDFA(torch.autograd.Function):
 class DirectFeedbackAlignment(FeedbackRule):
     reports_B = False  # B_l maps the output error, not this layer's output: no "B vs Wᵀ"
 
-    # placement: conf/method/dfa.yaml holds the default; the Python one is for callers without a config
-    # (scripts/bench.py, the rule-registry tests), as kp and wm do
-    def __init__(self, model, loss_fn, placement: str = "layer"):
+    def __init__(self, model, loss_fn, *, placement: str):  # default: conf/method/dfa.yaml
         if placement not in PLACEMENTS:
             raise ValueError(f"dfa placement={placement!r}; valid: {', '.join(PLACEMENTS)} "
                              "(layer: Nøkland 2016, every layer's input; block: Launay et al. 2020 macro)")
