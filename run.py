@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
 
     # a dataset's own settings (text: languages, vocabulary) go to its loader; `eval` ones to its task
     options = {k: v for k, v in ds.items() if k not in ("name", "num_classes", "input_shape", "eval")}
-    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset")},
+    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset", "val_split")},
                         **options)
     task = TASKS[data.task](ds["num_classes"], **data.extras, **(ds.get("eval") or {}))
     for split in (data.train, data.val, data.test):
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     method_kw = {k: v for k, v in c["method"].items() if k != "name"}
     rule = build_rule(c["method"]["name"], model, task.loss, **method_kw).to(device)
     optim_kw = {k: v for k, v in c["optim"].items() if k != "name"}
-    optimizer, scheduler, interval = make_optimizer(rule.parameters(), c["optim"]["name"], **optim_kw)
+    optimizer, scheduler, interval = make_optimizer(rule.optimizer_groups(), c["optim"]["name"], **optim_kw)
     logger = build_logger(c["logger"]["name"], c, c["run_name"],
                           **{k: v for k, v in c["logger"].items() if k != "name"})
     augment = None

@@ -28,7 +28,8 @@ class FitResult:
 
 def make_optimizer(params, name: str, lr: float, scheduler=None, **kw):
     """Returns (optimizer, scheduler or None, scheduler interval 'epoch'|'step')."""
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+             "rmsprop": torch.optim.RMSprop}
     if name not in kinds:
         raise ValueError(f"unknown optim.name {name!r}; valid: {sorted(kinds)}")
     if "betas" in kw:
