@@ -3,7 +3,8 @@
 # one torch thread (2 shared CPU cores). The paper-scale settings are the experiment files themselves
 # (conf/experiment/bpf_rules_source_*.yaml: the sources' epochs); here every run is shortened:
 #   source   Akrout et al. rows (bp fa wm kp): 10 of 400 epochs, compared with their own log at epoch 10;
-#            Lee et al. rows (dtp tp) and LRA-E (lra): $EPOCHS_SOURCE (default 3) of 100 epochs; one seed
+#            Lee et al. rows (dtp tp) and LRA-E (lra): $EPOCHS_SOURCE (default 3) of 100 epochs; one seed;
+#            plain TP on 1 and 2 hidden layers (bpf_rules_source_tp_shallow): 1 epoch
 #   probe    experiments/backprop-free-transformers/tp_probe.py (TP's first 500 steps, measured)
 #   tune     bpf_rules_tune + bpf_rules_tune_kp: 1 epoch per learning rate, validation split, one seed
 #   tuned    bpf_rules_tuned: the chosen learning rates, 3 seeds, $EPOCHS_TUNED (default 5) epochs
@@ -17,9 +18,10 @@ CPU=(scale=cpu trainer.progress=false trainer.num_threads=1 trainer.resume=true)
 run() { echo "== $(date +%T) $*"; nice -n 10 "$PY" run.py "$@" "${CPU[@]}"; }
 for s in ${@:-source probe tune tuned}; do case $s in
   source) for r in bp fa wm kp; do run experiment=bpf_rules_source_$r trainer.epochs=10; done
-          for r in dtp tp lra; do run experiment=bpf_rules_source_$r trainer.epochs=$EPOCHS_SOURCE; done ;;
+          for r in dtp tp lra; do run experiment=bpf_rules_source_$r trainer.epochs=$EPOCHS_SOURCE; done
+          run -m experiment=bpf_rules_source_tp_shallow trainer.epochs=1 ;;
   probe)  nice -n 10 "$PY" experiments/backprop-free-transformers/tp_probe.py ;;
-  tune)   run -m experiment=bpf_rules_tune; run -m experiment=bpf_rules_tune_kp ;;
+  tune)   run -m experiment=bpf_rules_tune; run -m experiment=bpf_rules_tune_kp; run -m experiment=bpf_rules_tune_sgd ;;
   tuned)  run -m experiment=bpf_rules_tuned trainer.epochs=$EPOCHS_TUNED ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
