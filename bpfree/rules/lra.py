@@ -8,9 +8,12 @@ Each step:
      for l = L..2: target for the layer below from its pre-activation,
         t_{l-1} = act_{l-1}(a_{l-1} - beta * e_l E_l)     (E_l: error weights, stored in W_l's shape)
         e_{l-1} = h_{l-1} - t_{l-1}                       (the error unit of layer l-1)
-  3. local losses (inputs detached): the task loss for the output layer; 0.5 ||h_l - t_l||² below.
-     Error weights follow their layer's update transposed (LRA-E: ΔE_l = -γ ΔW_lᵀ; γ = 1 here, as
-     Adam's per-parameter step makes a constant gradient scale irrelevant): E_l.grad = W_l.grad.
+  3. local losses (inputs detached): the task loss for the output layer; 0.5 ||h_l - t_l||² below
+     (derivative=True, gradient e_l ⊙ act'(a_l) h_{l-1}ᵀ), or LRA-E's own update e_l h_{l-1}ᵀ without
+     the activation derivative (derivative=False, AnkurMali/LRA-E mnist.py: dW = eᵀh).
+     Error weights follow their layer's update transposed (LRA-E: ΔE_l = -γ ΔW_lᵀ, γ = 1 as the
+     authors' code): E_l.grad = W_l.grad. E_l ~ N(0, error_std²) (the authors: 1.0, ten times W's 0.1)
+     or, with error_std null, W_l's own std.
 No weight transport (targets use E, never W) and the backward neurons compute what forward ones do
 (a linear map followed by the layer's own activation): the asymmetry problem of §3.
 """
