@@ -147,7 +147,7 @@ class TargetProp(LayerwiseRule):
         return task, targets
 
     def local_losses(self, x, y):
-        pre, h = self.forward_all(x)
+        _, h = self.forward_all(x)
         L = len(self.pairs)
         task, targets = self.targets(h, y)
         total, layer_loss, inv_loss = task, 0.0, 0.0

@@ -7,7 +7,7 @@
 #            plain TP on 1 and 2 hidden layers (bpf_rules_source_tp_shallow): 1 epoch
 #   probe    experiments/backprop-free-transformers/tp_probe.py (TP's first 500 steps, measured)
 #   tune     bpf_rules_tune + bpf_rules_tune_kp: 1 epoch per learning rate, validation split, one seed
-#   tuned    bpf_rules_tuned: the chosen learning rates, 3 seeds, $EPOCHS_TUNED (default 5) epochs
+#   tuned    bpf_rules_tuned(_kp): the chosen learning rates, 3 seeds, $EPOCHS_TUNED (default 5, as mnist_rules) epochs
 # Usage: experiments/backprop-free-transformers/rules_runs.sh [step ...]; then make tables and
 #        python experiments/backprop-free-transformers/rule_card.py
 set -euo pipefail
@@ -21,7 +21,8 @@ for s in ${@:-source probe tune tuned}; do case $s in
           for r in dtp tp lra; do run experiment=bpf_rules_source_$r trainer.epochs=$EPOCHS_SOURCE; done
           run -m experiment=bpf_rules_source_tp_shallow trainer.epochs=1 ;;
   probe)  nice -n 10 "$PY" experiments/backprop-free-transformers/tp_probe.py ;;
-  tune)   run -m experiment=bpf_rules_tune; run -m experiment=bpf_rules_tune_kp; run -m experiment=bpf_rules_tune_sgd ;;
-  tuned)  run -m experiment=bpf_rules_tuned trainer.epochs=$EPOCHS_TUNED ;;
+  tune)   for e in bpf_rules_tune bpf_rules_tune_kp bpf_rules_tune_sgd bpf_rules_tune_sgd_inv; do run -m experiment=$e; done ;;
+  tuned)  run -m experiment=bpf_rules_tuned trainer.epochs=$EPOCHS_TUNED
+          run -m experiment=bpf_rules_tuned_kp trainer.epochs=$EPOCHS_TUNED ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

@@ -19,7 +19,8 @@ def choices(records: Path = RECORDS) -> dict[str, dict]:
         if r["status"] != "ok":
             continue
         c = r["config"]
-        acc = r["metrics"]["best"].get("val_acc")
+        # best epoch's validation accuracy (records summarise only the task's test metrics under "best")
+        acc = max(e["val_acc"] for e in r["metrics"]["per_epoch"])
         row = out.setdefault(r["row"], {"grid": {}, "method": r["method"], "decay": c["method"].get("decay")})
         row["grid"][c["optim"]["lr"]] = acc
     for row in out.values():
