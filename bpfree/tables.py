@@ -75,6 +75,24 @@ def _not_run(spec: dict, row: str, col: str) -> str | None:
     return why.get(f"{row}/{col}") or why.get(row) or why.get(col)
 
 
+def _one_per_seed(records: list[dict]) -> tuple[list[dict], dict]:
+    """A cell averages over seeds, so it keeps one record per seed: the longest-trained, then the newest
+    (a record written under an older naming scheme beside a rerun of the same cell would otherwise count
+    twice). Returns the kept records and, per cell, how many were set aside."""
+    best: dict[tuple, dict] = {}
+    superseded: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in records:
+        key = (r["row"], r["column"], r["scale"], r["seed"])
+        rank = (r["status"] == "ok", len(r["metrics"]["per_epoch"]), r.get("created", ""))
+        if key in best:
+            superseded[key[:3]] += 1
+            old = best[key]
+            if rank <= (old["status"] == "ok", len(old["metrics"]["per_epoch"]), old.get("created", "")):
+                continue
+        best[key] = r
+    return list(best.values()), superseded
+
+
 def build_table(paper: str, table: str, spec: dict, records: list[dict], data_root: str | None) -> pd.DataFrame:
     metrics, select = spec["metrics"], spec.get("select", "best")
     reported = spec.get("reported", {})
@@ -82,6 +100,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
     single = len(metrics) == 1
     cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     diverged: dict[tuple[str, str, str], int] = defaultdict(int)
+    records, superseded = _one_per_seed(records)
     for r in records:
         key = (r["row"], r["column"], r["scale"])
         if r["status"] == "ok":
@@ -100,6 +119,9 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                 notes = []
                 if diverged.get((row, col, scale)):
                     notes.append(f"{diverged[(row, col, scale)]} run(s) diverged (excluded)")
+                if superseded.get((row, col, scale)):
+                    notes.append(f"{superseded[(row, col, scale)]} shorter or older run(s) of the same seed "
+                                 "superseded")
                 ds_notes = {r.get("dataset_note") for r in runs if r.get("dataset_note")}
                 notes += sorted(ds_notes) + _budget(runs)
                 for metric in metrics:

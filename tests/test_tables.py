@@ -156,3 +156,13 @@ def test_reference_file_holds_only_the_papers_numbers(tmp_path):
     ref.write_text(yaml.safe_dump({"p": {"t9": {"reported": {}}}}))
     with pytest.raises(ValueError, match="p/t9.*add its spec"):
         load_specs(tmp_path / "specs", ref)
+
+
+def test_a_cell_keeps_one_record_per_seed_the_longest_trained(layout, tmp_path):
+    recs, ref = layout
+    again = _rec(0, 0.99)  # seed 0 again, trained longer (3 epochs): replaces the 2-epoch seed-0 run
+    again["metrics"]["per_epoch"].append({"epoch": 3, "test_acc": 0.99})
+    write_record(again, recs / "p" / "t1" / "s0-renamed.json")
+    (md,) = _render(recs, ref, tmp_path / "out", data_root=None, plots=False)
+    line = next(x for x in md.read_text().splitlines() if "| baseline | mnist |" in x)
+    assert "| 0.9800 ± 0.0100 | 3 |" in line and "1 shorter or older run(s) of the same seed superseded" in line
