@@ -62,6 +62,11 @@ class LearningRule(nn.Module):
         """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""
         return self.model(x)
 
+    def decode(self, src: torch.Tensor, beam_size: int, max_len: int, length_penalty: float) -> torch.Tensor:
+        """Sequence inference for translation: src (B, S) ids -> (B, T) hypothesis ids (beam search of
+        the model). A rule whose inference differs from its model's overrides this, as it does predict."""
+        return self.model.beam(src, beam_size, max_len, length_penalty)
+
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Per-epoch measurements on a fixed held-out batch (e.g. alignment with the true gradient).
         Must leave parameters and .grad as it found them."""
