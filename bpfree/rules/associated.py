@@ -83,10 +83,8 @@ class AssociatedLearning(LearningRule):
     flattens them (null = flatten as the authors do; an int shrinks the bridges for CPU runs).
     """
 
-    # defaults mirror conf/method/al.yaml only because scripts/bench.py builds rules without a config
-    def __init__(self, model: nn.Module, loss_fn, components=None, bridge_hidden: int | None = None,
-                 bridge_pool: int | None = None, f_activation: str = "elu", t_activation: str = "sigmoid",
-                 l2: float = 0.0):
+    def __init__(self, model: nn.Module, loss_fn, *, components, bridge_hidden: int | None, bridge_pool: int | None,
+                 f_activation: str, t_activation: str, l2: float):  # defaults: conf/method/al.yaml
         super().__init__(model, loss_fn)
         if l2 < 0:
             raise ValueError(f"al method.l2 must be >= 0 (an L2 penalty on the f side and bridges), got {l2}")

@@ -30,8 +30,8 @@ from bpfree.rules.target_prop import LayerwiseRule
 
 @RULES.register("lra")
 class LRA(LayerwiseRule):
-    # defaults mirror conf/method/lra.yaml only because scripts/bench.py builds rules without a config
-    def __init__(self, model, loss_fn, beta: float = 0.1, error_std: float | None = None, derivative: bool = True):
+    def __init__(self, model, loss_fn, *, beta: float, error_std: float | None, derivative: bool):
+        # defaults: conf/method/lra.yaml
         super().__init__(model, loss_fn, "lra")
         if error_std is not None and error_std <= 0:
             raise ValueError(f"lra: method.error_std must be > 0 or null (= each W's own std), got {error_std}")

@@ -106,8 +106,8 @@ def _sq(a, b):  # 0.5 ||a - b||², summed over units, mean over the batch
 class TargetProp(LayerwiseRule):
     difference = False
 
-    # defaults mirror conf/method/{tp,dtp}.yaml only because scripts/bench.py builds rules without a config
-    def __init__(self, model, loss_fn, target_lr: float = 0.1, noise: float = 0.1, inverse_lr: float | None = None):
+    def __init__(self, model, loss_fn, *, target_lr: float, noise: float, inverse_lr: float | None):
+        # defaults: conf/method/{tp,dtp}.yaml
         super().__init__(model, loss_fn, type(self).__name__)
         if len(self.pairs) < 2:
             raise UnsupportedModel("target propagation needs at least one hidden layer")
