@@ -41,7 +41,8 @@ def token_batch(n=8, seed=0):
 RULES = {  # rule -> constructor kwargs (the conf/method values; dfa both placements)
     "bp": {}, "fa": {}, "usf": {}, "kp": {"decay": 1e-3}, "wm": {},
     "dfa_layer": {"placement": "layer"}, "dfa_block": {"placement": "block"},
-    "dtp_chain": {"target_lr": 0.1, "noise": 0.1}, "lra_chain": {"beta": 0.1},
+    "dtp_chain": {"target_lr": 0.1, "noise": 0.1, "inverse_lr": None},
+    "lra_chain": {"beta": 0.1, "error_std": None, "derivative": True},
 }
 
 

@@ -152,7 +152,10 @@ def _shift(t, z, real, n) -> float:
 
 @RULES.register("dtp_chain")
 class ChainDTP(ChainRule):
-    def __init__(self, model, loss_fn, target_lr: float, noise: float):
+    def __init__(self, model, loss_fn, *, target_lr: float, noise: float, inverse_lr: float | None):
+        if inverse_lr is not None:  # dtp.yaml's key; here the inverses share the optimizer's lr
+            raise ValueError(f"dtp over a chain: method.inverse_lr={inverse_lr} is not supported (the "
+                             "inverses train at optim.lr); set method.inverse_lr=null")
         super().__init__(model, loss_fn, "dtp")
         self.target_lr, self.noise = target_lr, noise
         # g_k for k = 1..K-1 maps stage k's output back to its input (position-wise); no g_0 (no target for x)
@@ -205,15 +208,21 @@ class ChainDTP(ChainRule):
 
 @RULES.register("lra_chain")
 class ChainLRA(ChainRule):
-    def __init__(self, model, loss_fn, beta: float):
+    def __init__(self, model, loss_fn, *, beta: float, error_std: float | None, derivative: bool):
+        if not derivative:  # lra.yaml's key: LRA-E's dW = e h^T is not implemented over a chain
+            raise ValueError("lra over a chain implements the derivative form only (e_l * act'(a_l)); "
+                             "set method.derivative=true")
         super().__init__(model, loss_fn, "lra")
         self.beta = beta
+
+        def init(w):  # error weights: W's std (error_std=null) or the given std, as lra.yaml says
+            return random_like_layer(w) if error_std is None else torch.randn_like(w) * error_std
+
         _, st = self._stages(None)
         # E_k for stages k = 1..K-1 (in the stage weight's shape) and for the head's Linear
         self.error_weights = nn.ParameterDict({
-            self.names[k].replace(".", "_"): nn.Parameter(random_like_layer(st[k].weight))
-            for k in range(1, len(st))})
-        self.error_weights["head"] = nn.Parameter(random_like_layer(self.head_linear.weight))
+            self.names[k].replace(".", "_"): nn.Parameter(init(st[k].weight)) for k in range(1, len(st))})
+        self.error_weights["head"] = nn.Parameter(init(self.head_linear.weight))
         self._weights = {self.names[k].replace(".", "_"): st[k].weight for k in range(1, len(st))}
         self._weights["head"] = self.head_linear.weight
 
