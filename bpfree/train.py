@@ -104,6 +104,8 @@ def fit(
     train_seconds, samples, start_epoch = 0.0, 0, 0
     ckpt = Path(checkpoint_path) / "last.pt" if checkpoint_path else None
 
+    rule.prepare(train, test)  # per-example state is sized before a resume loads it
+    want_idx = {"with_index": True} if rule.wants_indices else {}
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if fingerprint is not None and state.get("fingerprint") not in (None, fingerprint):
@@ -130,15 +132,15 @@ def fit(
         sums: dict[str, torch.Tensor] = {}
         n_batches, bad = 0, None
         t0 = time.perf_counter()
-        it = batch_fn(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment)
+        it = batch_fn(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment, **want_idx)
         total = math.ceil(len(train) / batch_size)
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
         bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y, *idx) in enumerate(bar):
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
-            out = rule.train_step(x, y, optimizer)
+            out = rule.train_step(x, y, optimizer, idx=idx[0]) if idx else rule.train_step(x, y, optimizer)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
