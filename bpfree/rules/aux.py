@@ -223,9 +223,11 @@ class AuxiliaryActivations(LearningRule):
             out["bp_loss"] = self._twin_step(x, y, optimizer)
         return out
 
-    def _step_z(self, idx, grads) -> None:
+    def _step_z(self, idx, grads, names=None) -> None:
+        """Step the batch's rows of Z_t for t in `names` (default: all hidden) with their gradients."""
+        names = self.names[:-1] if names is None else names
         if self.z_optim == "sgd":
-            for name, g in zip(self.names, grads):
+            for name, g in zip(names, grads):
                 self.Z(name)[idx] -= self.z_lr * g
             return
         b1, b2 = self.z_betas
@@ -233,7 +235,7 @@ class AuxiliaryActivations(LearningRule):
         self.z_steps[idx] = k
         c1 = (1 - b1 ** k.double()).float()[:, None]  # (B, 1) bias corrections, one step count per example
         c2 = (1 - b2 ** k.double()).float()[:, None]
-        for name, g in zip(self.names, grads):
+        for name, g in zip(names, grads):
             m_all, v_all = getattr(self, f"zm_{name}"), getattr(self, f"zv_{name}")
             m = b1 * m_all[idx] + (1 - b1) * g
             v = b2 * v_all[idx] + (1 - b2) * g * g

@@ -1,0 +1,104 @@
+"""Step time of aux vs bp, and aux's ideal layer-parallel step time (layerwise-gradient-decoupling Table 3).
+
+Given Z, every layer's update is independent: worker t computes zhat_t = f_t(z_{t-1}), its term of eq. 3,
+the gradient of that term w.r.t. theta_t, z_{t-1} and z_t, and steps theta_t. The ideal layer-parallel
+step is the slowest worker's time (no communication counted; the two contributions to z_t's gradient
+are summed and z_t stepped by worker t, whose time includes that elementwise update).
+
+Measured on real MNIST rows, one CPU thread, one process: `--rounds` rounds of
+(bp step, aux step, worker 1 .. worker T), interleaved so machine load hits all alike; medians.
+
+    python experiments/layerwise-gradient-decoupling/step_time.py --model mlp
+    python experiments/layerwise-gradient-decoupling/step_time.py --model mlp_depth --depth 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from bpfree.data import load_dataset  # noqa: E402
+from bpfree.models import build_model  # noqa: E402
+from bpfree.rules import build_rule  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--subset", type=int, default=6400)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    data = load_dataset("mnist", os.environ.get("BPFREE_DATA", "data"), ".cache/bpfree", subset=a.subset,
+                        test_subset=1000)
+    model_kw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{a.model}.yaml"))
+    model_kw.pop("name")
+    if a.depth is not None:
+        model_kw["depth"] = a.depth
+    method_kw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / "aux.yaml"))
+    method_kw.pop("name")
+    method_kw["compare_bp"] = False
+    lr = OmegaConf.load(ROOT / "conf" / "optim" / "adam.yaml").lr
+
+    torch.manual_seed(0)
+    bp = build_rule("bp", build_model(a.model, (1, 28, 28), 10, **model_kw), F.nll_loss)
+    aux = build_rule("aux", build_model(a.model, (1, 28, 28), 10, **model_kw), F.nll_loss, **method_kw)
+    aux.prepare(data.train, data.test)
+    bp_opt, aux_opt = torch.optim.Adam(bp.parameters(), lr=lr), torch.optim.Adam(aux.parameters(), lr=lr)
+    blocks = list(aux.model.blocks.values())
+    worker_opts = [torch.optim.Adam(b.parameters(), lr=lr) for b in blocks]
+    T = len(blocks)
+
+    def worker(t, x, y, idx):
+        zs = aux.inputs(x, idx)  # gathers the batch's Z rows (each worker needs its z_{t-1}, z_t)
+        worker_opts[t].zero_grad(set_to_none=True)
+        zhat = blocks[t](zs[t].reshape(len(idx), *aux.in_shapes[t]))
+        term = (aux.loss_fn(zhat, y) if t == T - 1 else
+                aux.lambda_h * F.mse_loss(zhat.reshape(len(idx), -1), zs[t + 1]))
+        term.backward()
+        worker_opts[t].step()
+        if t < T - 1 and aux.z_lr > 0:  # step z_t (its gradient: this term's; the other is t+1's)
+            with torch.no_grad():
+                aux._step_z(idx, [zs[t + 1].grad * len(idx)], names=[aux.names[t]])
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    times = {"bp": [], "aux": [], **{f"worker_{n}": [] for n in aux.names}}
+    g = torch.Generator().manual_seed(0)
+    for r in range(a.rounds + 10):
+        idx = torch.randperm(len(data.train), generator=g)[:a.batch]
+        x, y = data.train.x[idx], data.train.y[idx]
+        row = {"bp": timed(lambda: bp.train_step(x, y, bp_opt)),
+               "aux": timed(lambda: aux.train_step(x, y, aux_opt, idx=idx))}
+        for t, n in enumerate(aux.names):
+            row[f"worker_{n}"] = timed(lambda: worker(t, x, y, idx))
+        if r >= 10:  # warm-up
+            for k, v in row.items():
+                times[k].append(v)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ideal = max(med[f"worker_{n}"] for n in aux.names)
+    out = {"model": a.model, "depth": a.depth, "batch": a.batch, "rounds": a.rounds, "threads": 1,
+           "median_ms": med, "aux_over_bp": med["aux"] / med["bp"], "ideal_parallel_ms": ideal,
+           "ideal_parallel_over_bp": ideal / med["bp"],
+           "slowest_worker": max(aux.names, key=lambda n: med[f"worker_{n}"])}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
