@@ -224,3 +224,23 @@ def test_twin_is_the_bp_run_and_resume_restores_z_and_its_optimizer(compose_run,
     diag = full["metrics"]["per_epoch"][-1]
     assert {f"cka/l{t}" for t in range(1, 6)} <= set(diag) and "agreement" in diag
     assert {f"param_dist/l{t}" for t in range(1, 6)} <= set(diag) and {f"aux_gap/l{t}" for t in range(1, 5)} <= set(diag)
+
+
+def test_without_indices_one_batch_is_the_training_set_and_bench_extras_time_each_layer(mnist):
+    train, _ = mnist
+    torch.manual_seed(0)
+    rule = build_rule("aux", build_model("mlp", (1, 28, 28), 10, hidden=[24, 16]), F.nll_loss, **method_kwargs())
+    x, y = train.x[:32], train.y[:32]
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
+    first = float(rule.train_step(x, y, opt)["loss"])  # scripts/bench.py's call: no idx, no prepare
+    for _ in range(20):
+        last = float(rule.train_step(x, y, opt)["loss"])
+    assert len(rule.Z("l1")) == 32 and last < first
+    extras = rule.bench_extras(x, y, repeats=2)
+    per_layer = [v for k, v in extras.items() if k.startswith("layer_step_ms/")]
+    assert len(per_layer) == 3 and extras["ideal_parallel_step_ms"] == max(per_layer) > 0
+    with pytest.raises(ValueError, match="needs each batch's example indices"):
+        rule.train_step(train.x[:16], train.y[:16], opt)  # another batch: its rows are not Z's
+    fitted = make_rule(mnist)  # prepared on the split, as fit does
+    with pytest.raises(ValueError, match="idx"):
+        fitted.train_step(x, y, opt)

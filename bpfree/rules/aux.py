@@ -125,6 +125,7 @@ class AuxiliaryActivations(LearningRule):
         self.__dict__["_twin"] = copy.deepcopy(model) if compare_bp else None
         self._twin_opt, self._twin_opt_pending = None, None
         self._train = self._test = None
+        self._batch_is_data = False  # bound to one batch by a train_step without indices (bench)
 
     # ----------------------------------------------------------------------------------- state
     def aux_gb(self, n: int) -> float:
@@ -205,9 +206,7 @@ class AuxiliaryActivations(LearningRule):
 
     def train_step(self, x, y, optimizer, idx=None):
         if idx is None:
-            raise ValueError("aux keeps one auxiliary activation per training example and needs each batch's "
-                             "example indices: train it through bpfree.train.fit (which passes idx because "
-                             "aux.wants_indices is True) or call train_step(x, y, optimizer, idx=...)")
+            idx = self._batch_as_data(x, y)
         if self._train is None:
             raise RuntimeError("aux: call rule.prepare(train, test) before training (fit does)")
         zs = self.inputs(x, idx)
@@ -221,6 +220,62 @@ class AuxiliaryActivations(LearningRule):
         out = {"loss": terms[-1].detach(), "hidden_loss": sum(terms[:-1]).detach()}
         if self._twin is not None:
             out["bp_loss"] = self._twin_step(x, y, optimizer)
+        return out
+
+    def _batch_as_data(self, x, y) -> torch.Tensor:
+        """train_step without indices (scripts/bench.py times one fixed batch): that batch is the training
+        set, examples 0..B-1. Inside fit (which always passes idx) a missing idx is an error."""
+        if self._train is None:
+            from bpfree.data import TensorData
+            self.prepare(TensorData(x, y), TensorData(x, y))
+            self._batch_is_data = True
+        if not self._batch_is_data or len(y) != len(self._train):
+            raise ValueError("aux keeps one auxiliary activation per training example and needs each batch's "
+                             "example indices: train it through bpfree.train.fit (which passes idx because "
+                             "aux.wants_indices is True) or call train_step(x, y, optimizer, idx=...)")
+        return torch.arange(len(y), device=y.device)
+
+    def layer_step(self, t: int, x, y, idx, optimizer) -> None:
+        """What layer t's worker does in a layer-parallel step, given Z: gather z_{t-1} and z_t, compute
+        its term of eq. 3, backward, step theta_t with `optimizer` (over block t's parameters only) and
+        step z_t's rows with this term's gradient (the other term's is worker t+1's, summed in a
+        layer-parallel implementation). For timing; a real step is train_step."""
+        zs = self.inputs(x, idx)
+        block = self.model.blocks[self.names[t]]
+        optimizer.zero_grad(set_to_none=True)
+        zhat = block(zs[t].reshape(len(idx), *self.in_shapes[t]))
+        if t == len(self.names) - 1:
+            term = self.loss_fn(zhat, y)
+        else:
+            term = self.lambda_h * HIDDEN_LOSSES[self.hidden_loss](zhat.reshape(len(idx), -1), zs[t + 1])
+        term.backward()
+        optimizer.step()
+        if t < len(self.names) - 1 and self.z_lr > 0:
+            with torch.no_grad():
+                self._step_z(idx, [zs[t + 1].grad * len(idx)], names=[self.names[t]])
+
+    def bench_extras(self, x, y, repeats: int = 10) -> dict[str, float]:
+        """scripts/bench.py's extra columns: each layer's step time given Z (median of `repeats`, ms) and
+        the ideal layer-parallel step time, the slowest layer's (every layer's update is independent
+        given Z; communication not counted). Worker optimizers are Adam with lr 0 (timing only)."""
+        import statistics
+        import time
+
+        idx = self._batch_as_data(x, y)
+        out = {}
+        for t, name in enumerate(self.names):
+            opt = torch.optim.Adam(self.model.blocks[name].parameters(), lr=0.0)
+            times = []
+            for _ in range(repeats + 2):
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                self.layer_step(t, x, y, idx, opt)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[f"layer_step_ms/{name}"] = 1000 * statistics.median(times[2:])
+        out["ideal_parallel_step_ms"] = max(out.values())
         return out
 
     def _step_z(self, idx, grads, names=None) -> None:

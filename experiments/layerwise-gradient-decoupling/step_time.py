@@ -1,9 +1,10 @@
 """Step time of aux vs bp, and aux's ideal layer-parallel step time (layerwise-gradient-decoupling Table 3).
 
-Given Z, every layer's update is independent: worker t computes zhat_t = f_t(z_{t-1}), its term of eq. 3,
-the gradient of that term w.r.t. theta_t, z_{t-1} and z_t, and steps theta_t. The ideal layer-parallel
-step is the slowest worker's time (no communication counted; the two contributions to z_t's gradient
-are summed and z_t stepped by worker t, whose time includes that elementwise update).
+Given Z, every layer's update is independent: worker t (AuxiliaryActivations.layer_step) gathers its
+z_{t-1} and z_t rows, computes zhat_t = f_t(z_{t-1}) and its term of eq. 3, backpropagates it to
+theta_t, z_{t-1} and z_t, steps theta_t (Adam) and z_t's rows. The ideal layer-parallel step is the
+slowest worker's time (communication not counted: in a real layer-parallel run the two contributions
+to z_t's gradient, from workers t and t+1, must be summed).
 
 Measured on real MNIST rows, one CPU thread, one process: `--rounds` rounds of
 (bp step, aux step, worker 1 .. worker T), interleaved so machine load hits all alike; medians.
@@ -59,19 +60,9 @@ def main(argv=None) -> dict:
     bp_opt, aux_opt = torch.optim.Adam(bp.parameters(), lr=lr), torch.optim.Adam(aux.parameters(), lr=lr)
     blocks = list(aux.model.blocks.values())
     worker_opts = [torch.optim.Adam(b.parameters(), lr=lr) for b in blocks]
-    T = len(blocks)
 
     def worker(t, x, y, idx):
-        zs = aux.inputs(x, idx)  # gathers the batch's Z rows (each worker needs its z_{t-1}, z_t)
-        worker_opts[t].zero_grad(set_to_none=True)
-        zhat = blocks[t](zs[t].reshape(len(idx), *aux.in_shapes[t]))
-        term = (aux.loss_fn(zhat, y) if t == T - 1 else
-                aux.lambda_h * F.mse_loss(zhat.reshape(len(idx), -1), zs[t + 1]))
-        term.backward()
-        worker_opts[t].step()
-        if t < T - 1 and aux.z_lr > 0:  # step z_t (its gradient: this term's; the other is t+1's)
-            with torch.no_grad():
-                aux._step_z(idx, [zs[t + 1].grad * len(idx)], names=[aux.names[t]])
+        aux.layer_step(t, x, y, idx, worker_opts[t])
 
     def timed(fn):
         t0 = time.perf_counter()
