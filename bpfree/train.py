@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from bpfree.data import Splits, batches
+from bpfree.data import Splits
 from bpfree.rules import LearningRule
 
 
@@ -26,9 +26,14 @@ class FitResult:
     extras: dict = field(default_factory=dict)
 
 
+# optim.name options (conf/optim/*.yaml); their other keys are these constructors' keyword arguments
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "rmsprop": torch.optim.RMSprop}
+
+
 def make_optimizer(params, name: str, lr: float, scheduler=None, **kw):
     """Returns (optimizer, scheduler or None, scheduler interval 'epoch'|'step')."""
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    kinds = OPTIMIZERS
     if name not in kinds:
         raise ValueError(f"unknown optim.name {name!r}; valid: {sorted(kinds)}")
     if "betas" in kw:
@@ -66,6 +71,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _staged_epoch(engine, batches_iter, max_steps):
+    """Adapt an engine epoch to the loop's (x, y) iteration: yields (None, (batch size, scalars))."""
+    sizes = []
+
+    def first_inputs():
+        for x, y in batches_iter:
+            sizes.append(len(y))
+            yield (x, None, y)
+
+    for n, scalars in zip(sizes, engine.run_epoch(first_inputs(), max_steps)):
+        yield None, (n, scalars)
+
+
 def fit(
     rule: LearningRule,
     task,
@@ -88,14 +106,17 @@ def fit(
     max_steps_per_epoch: int | None = None,
     augment: Callable | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    engine=None,
 ) -> FitResult:
+    """`engine` (bpfree.parallel.Engine, trainer.parallel): run each epoch's steps through a staged rule's
+    stages (the optimizer is then the engine's per-stage optimizers); otherwise rule.train_step per batch."""
     device = torch.device(device)
     train, test = data.train.to(device), data.test.to(device)
     val = data.val.to(device) if data.val is not None else None
-    # tasks may batch their own way (translation: length buckets); the default is `batches`
-    batch_fn = getattr(task, "batches", batches)
+    # tasks may batch their own way (translation: length buckets); bpfree.tasks.Task documents the contract
+    batch_fn = task.batches
     # tasks that score one chosen epoch (translation: lowest validation loss) name the metric here
-    select = getattr(task, "select", None)
+    select = task.select
     best_state, best_value, best_epoch = None, None, 0
     best_ckpt = Path(checkpoint_path) / "best.pt" if checkpoint_path else None
     # fixed held-out batch for the rule's per-epoch diagnostics (alignment with the true gradient, ...)
@@ -120,7 +141,9 @@ def fit(
         history, train_seconds, samples = state["history"], state["train_seconds"], state["samples"]
         start_epoch = state["epoch"]
         best_value, best_epoch = state.get("best_value"), state.get("best_epoch", 0)
-        if best_epoch and best_ckpt is not None and best_ckpt.exists():
+        if best_epoch and best_epoch == start_epoch:  # the best weights are last.pt's own (no best.pt)
+            best_state = {k: t.detach().to("cpu", copy=True) for k, t in state["rule"].items()}
+        elif best_epoch and best_ckpt is not None and best_ckpt.exists():
             best_state = torch.load(best_ckpt, map_location="cpu", weights_only=False)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -137,14 +160,21 @@ def fit(
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
         bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for step, (x, y, *idx) in enumerate(bar):
+        if engine is not None:
+            # the whole epoch runs through the stages first (a pipeline has no per-step join); its steps'
+            # scalars then pass through the same accounting and NaN checks
+            bar = _staged_epoch(engine, bar, max_steps_per_epoch)
+        for step, (x, y, *idx) in enumerate(bar):  # idx: each example's row, for rules that want it
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
-            out = rule.train_step(x, y, optimizer, idx=idx[0]) if idx else rule.train_step(x, y, optimizer)
+            out = y if engine is not None else (  # staged: (n, scalars)
+                rule.train_step(x, y, optimizer, idx=idx[0]) if idx else rule.train_step(x, y, optimizer))
+            if engine is not None:
+                n_y, out = out
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            samples += len(y)
+            samples += n_y if engine is not None else len(y)
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
             if (step + 1) % check_every == 0:
@@ -167,6 +197,7 @@ def fit(
             return FitResult("diverged", history, train_seconds, samples, msg, start_epoch)
 
         rule.eval()
+        drop_best = False
         metrics = task.evaluate(rule.predict, test, eval_batch_size)
         if val is not None:
             metrics |= {"val_" + k.removeprefix("test_"): v
@@ -177,8 +208,13 @@ def fit(
             if best_value is None or (v < best_value if how == "min" else v > best_value):
                 best_value, best_epoch = v, epoch + 1
                 best_state = {k: t.detach().to("cpu", copy=True) for k, t in rule.state_dict().items()}
-                if best_ckpt is not None:
-                    _atomic_torch_save(best_state, best_ckpt)
+                # last.pt (below) holds these very weights: a best.pt beside it would be a second copy
+                # (a transformer's is hundreds of MB); it is written only once last.pt moves past the best,
+                # and an older one is removed only after last.pt holds the new best (a kill in between
+                # must not lose the best weights)
+                drop_best = best_ckpt is not None and best_ckpt.exists()
+            elif best_ckpt is not None and not best_ckpt.exists() and best_state is not None:
+                _atomic_torch_save(best_state, best_ckpt)
         diag = rule.diagnostics(probe_x, probe_y)
         entry = {"epoch": epoch + 1, **means, **metrics, **diag,
                  "epoch_train_seconds": time.perf_counter() - t0}
@@ -197,6 +233,8 @@ def fit(
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "fingerprint": fingerprint,
             }, ckpt)
+            if drop_best:
+                best_ckpt.unlink()
         if on_epoch is not None:
             on_epoch(entry)
     extras = {}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bpfree.models import blocks, span
 from bpfree.registry import RULES
-from bpfree.rules.base import LearningRule
+from bpfree.rules.base import LearningRule, UnsupportedModel
 
 MODES = ("identity", "block_identity", "derived")
 
@@ -66,8 +66,8 @@ def map_gradient(mode: str, g_out: torch.Tensor, h_in: torch.Tensor, h_out: torc
     """G_j from G_i for one region. g_out, h_out (..., d_out); h_in (..., d_in) -> (..., d_in)."""
     d_in, d_out = h_in.shape[-1], h_out.shape[-1]
     if mode == "identity":
-        if h_in.shape != h_out.shape:
-            raise ValueError(
+        if h_in.shape != h_out.shape:  # known only once a batch flows: refused on the first step
+            raise UnsupportedModel(
                 f"abstraction_identity needs equal widths at region {where}: its input is "
                 f"{tuple(h_in.shape)} but its output {tuple(h_out.shape)}; use method=abstraction_block_identity "
                 "or method=abstraction_derived, or choose a region with equal widths")
@@ -160,7 +160,13 @@ class Abstraction(LearningRule):
                 loss = self.loss_fn(self.model(x), y)
                 keys = list(self._probe)
                 tensors = [t for k in keys for t in self._probe[k]]
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                # a region that starts at the first block has the model input as h_in, which needs no
+                # gradient: autograd.grad refuses such tensors, so ask only for those that have one
+                wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+                got = torch.autograd.grad(loss, [tensors[i] for i in wanted], allow_unused=True)
+                grads = [None] * len(tensors)
+                for i, g in zip(wanted, got):
+                    grads[i] = g
         finally:
             probe, self._probe = self._probe, None
             self.train(was_training)
