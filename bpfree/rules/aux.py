@@ -38,6 +38,8 @@ Per-epoch diagnostics (keys in the record's metrics.per_epoch):
   bp_test_acc, acc_gap  the twin's test accuracy and ours minus it;
   agreement          fraction of test examples where both predict the same class;
   cka/<block>        linear CKA between the two networks' outputs of that block;
+  cka_bp_init/<block> the same between the BP twin and the initial network (a baseline: how much of
+                     cka/ BP's representation shares with where both started);
   param_dist/<block> ||theta_aux - theta_bp|| / ||theta_bp - theta_0|| over the block's parameters.
 """
 from __future__ import annotations
@@ -123,6 +125,7 @@ class AuxiliaryActivations(LearningRule):
         # theta_0 and the BP twin live outside the module tree: the run's optimizer must not step them
         self.__dict__["_theta0"] = {n: [p.detach().clone() for p in b.parameters()] for n, b in model.blocks.items()}
         self.__dict__["_twin"] = copy.deepcopy(model) if compare_bp else None
+        self.__dict__["_init"] = copy.deepcopy(model) if compare_bp else None  # theta_0, for the CKA baseline
         self._twin_opt, self._twin_opt_pending = None, None
         self._train = self._test = None
         self._batch_is_data = False  # bound to one batch by a train_step without indices (bench)
@@ -154,6 +157,7 @@ class AuxiliaryActivations(LearningRule):
         self.__dict__["_theta0"] = {k: [t.to(device) for t in v] for k, v in self._theta0.items()}
         if self._twin is not None:
             self._twin.to(device)
+            self._init.to(device)
         with torch.no_grad():
             if self.z_init == "forward":  # the initial network's forward pass: eq. 2 holds exactly at step 0
                 was = self.model.training
@@ -350,8 +354,10 @@ class AuxiliaryActivations(LearningRule):
         acc_b = float((pred_b == self._test.y).float().mean())
         out |= {"bp_test_acc": acc_b, "acc_gap": acc_a - acc_b,
                 "agreement": float((pred_a == pred_b).float().mean())}
-        for name, a, b in zip(self.names, ours, theirs):
+        start = self._chain(self._init, self._test.x)
+        for name, a, b, o in zip(self.names, ours, theirs, start):
             out[f"cka/{name}"] = linear_cka(a, b)
+            out[f"cka_bp_init/{name}"] = linear_cka(o, b)  # baseline: BP's representation vs its own start
         for name in self.names:
             out[f"param_dist/{name}"] = relative_distance(
                 list(self.model.blocks[name].parameters()), list(self._twin.blocks[name].parameters()),
