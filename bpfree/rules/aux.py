@@ -244,19 +244,21 @@ class AuxiliaryActivations(LearningRule):
         its term of eq. 3, backward, step theta_t with `optimizer` (over block t's parameters only) and
         step z_t's rows with this term's gradient (the other term's is worker t+1's, summed in a
         layer-parallel implementation). For timing; a real step is train_step."""
-        zs = self.inputs(x, idx)
+        last = t == len(self.names) - 1
+        z_in = x if t == 0 else self.Z(self.names[t - 1])[idx].clone().requires_grad_(self.z_lr > 0)
+        z_out = None if last else self.Z(self.names[t])[idx].clone().requires_grad_(self.z_lr > 0)
         block = self.model.blocks[self.names[t]]
         optimizer.zero_grad(set_to_none=True)
-        zhat = block(zs[t].reshape(len(idx), *self.in_shapes[t]))
-        if t == len(self.names) - 1:
+        zhat = block(z_in.reshape(len(idx), *self.in_shapes[t]))
+        if last:
             term = self.loss_fn(zhat, y)
         else:
-            term = self.lambda_h * HIDDEN_LOSSES[self.hidden_loss](zhat.reshape(len(idx), -1), zs[t + 1])
+            term = self.lambda_h * HIDDEN_LOSSES[self.hidden_loss](zhat.reshape(len(idx), -1), z_out)
         term.backward()
         optimizer.step()
-        if t < len(self.names) - 1 and self.z_lr > 0:
+        if not last and self.z_lr > 0:
             with torch.no_grad():
-                self._step_z(idx, [zs[t + 1].grad * len(idx)], names=[self.names[t]])
+                self._step_z(idx, [z_out.grad * len(idx)], names=[self.names[t]])
 
     def bench_extras(self, x, y, repeats: int = 10) -> dict[str, float]:
         """scripts/bench.py's extra columns: each layer's step time given Z (median of `repeats`, ms) and
