@@ -3,9 +3,6 @@ diagnostics rest on. Real MNIST rows, small MLPs, a few steps."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
