@@ -39,6 +39,9 @@ BENCH_OUT ?= runs/bench
 bench: install ## step time of every method relative to backprop (cases: experiments/*/bench.yaml) -> $(BENCH_OUT)
 	$(PY) scripts/bench.py --out $(BENCH_OUT) $(BENCH_ARGS)
 
+bench-parallel: install ## staged (depth-parallel) training vs BP-best and the BP pipeline, one run -> $(BENCH_OUT)
+	$(PY) scripts/bench_parallel.py --out $(BENCH_OUT) $(BENCH_PARALLEL_ARGS)
+
 verify-data: install ## check every dataset file under $(BPFREE_DATA) against its SHA256SUMS
 	$(PY) -m bpfree.data verify --root $(BPFREE_DATA)
 
@@ -47,4 +50,4 @@ lint: install ## ruff (pyproject [tool.ruff]), byte-compile everything, check th
 	$(PY) -m compileall -q bpfree scripts run.py tests
 	$(PY) -m pytest -q tests/test_config.py
 
-.PHONY: help install run test test-slow tables bench verify-data lint
+.PHONY: help install run test test-slow tables bench bench-parallel verify-data lint

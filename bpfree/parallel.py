@@ -13,7 +13,9 @@ engine steps each stage's own optimizer after its forward_backward. One definiti
 
 For rules whose stages exchange only forward messages (AL), the two schedules compute the same thing:
 stage k's input for batch b comes from stage k-1's weights after batch b-1 in both (tested: identical
-weights). The loop (bpfree/train.py) asks only for this interface, never for a rule's name.
+weights). The loop (bpfree/train.py) asks only for this interface, never for a rule's name. A stage reads only its
+own parameters while others run (`stage_defs(..., concurrent=True)`): AL's training-batch accuracy, which
+decodes through every component, is therefore not reported by the threads backend (test accuracy is).
 
 Not here (yet): the `processes` backend (torch.distributed, one process per stage) and rules whose stages
 send messages backwards (synthetic gradients), which would add staleness to record.
@@ -42,8 +44,10 @@ class StageDef:
     forward_backward: Callable[[tuple], tuple[tuple, dict]]
     name: str = ""
     # scalars measured after this stage's optimizer step (AL's eq. 8 batch accuracy uses the updated
-    # decoders, as its train_step does); called in the stage's own thread, right after the step
+    # decoders, as its train_step does); called in the stage's own thread, right after the step. Under a
+    # concurrent backend it may read only this stage's own parameters (the others are moving).
     after_step: Callable[[], dict] | None = None
+    parts: list[int] = field(default_factory=list)  # which of the rule's parts (e.g. AL components, 0-based)
 
 
 class StagedOptimizers:
@@ -207,7 +211,7 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
     import copy
 
     kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics
-    stages = rule.stage_defs(k, sample)
+    stages = rule.stage_defs(k, sample, concurrent=backend == "threads")
     rule.load_state_dict(kept)
     covered = {id(p) for s in stages for p in s.params}
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]

@@ -31,9 +31,12 @@ def test_pipelined_al_equals_sequential_al_bit_for_bit(compose_run, tmp_path):
         assert torch.equal(w_plain[k], w_seq[k]), k
         assert torch.equal(w_seq[k], w_thr[k]), k
 
-    def curve(r):
-        return [{k: v for k, v in e.items() if "seconds" not in k} for e in r["metrics"]["per_epoch"]]
-    assert curve(plain) == curve(seq) == curve(thr)
+    def curve(r, drop=()):
+        return [{k: v for k, v in e.items() if "seconds" not in k and k not in drop} for e in r["metrics"]["per_epoch"]]
+    assert curve(plain) == curve(seq)
+    # concurrently, AL's training-batch accuracy would decode through decoders other stages are moving:
+    # the threads backend leaves it out rather than report a timing-dependent figure (bpfree/parallel.py)
+    assert curve(thr) == curve(seq, drop=("train_acc",)) and "train_acc" not in thr["metrics"]["final"]
     assert thr["config"]["trainer"]["parallel"] == "threads"
 
 

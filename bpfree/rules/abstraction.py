@@ -97,7 +97,7 @@ class _Skip(torch.autograd.Function):
 class Abstraction(LearningRule):
     """Keeps the default train step; the skip is wired into the model's blocks with hooks."""
 
-    def __init__(self, model, loss_fn, mode: str, regions=(("l2", "l4"),)):
+    def __init__(self, model, loss_fn, mode: str, *, regions):
         super().__init__(model, loss_fn)
         if mode not in MODES:
             raise ValueError(f"unknown abstraction mode {mode!r}; valid: {MODES}")
@@ -190,15 +190,15 @@ class Abstraction(LearningRule):
 
 
 @RULES.register("abstraction_identity")
-def abstraction_identity(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "identity", regions)
+def abstraction_identity(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "identity", regions=regions)
 
 
 @RULES.register("abstraction_block_identity")
-def abstraction_block_identity(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "block_identity", regions)
+def abstraction_block_identity(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "block_identity", regions=regions)
 
 
 @RULES.register("abstraction_derived")
-def abstraction_derived(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "derived", regions)
+def abstraction_derived(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "derived", regions=regions)

@@ -56,6 +56,12 @@ class LearningRule(nn.Module):
     def after_step(self) -> None:
         """Work after the optimizer step (e.g. a weight decay on feedback matrices); default: none."""
 
+    def optimizer_groups(self):
+        """What the optimizer is built over (bpfree/build.py): all parameters by default; a rule whose
+        source trains some of its modules at another learning rate returns torch param groups, e.g.
+        [{"params": forward}, {"params": inverses, "lr": 0.005}] (a group's own lr wins)."""
+        return self.parameters()
+
     def prepare(self, train, test) -> None:
         """Called once by the loop before training, and before a resume loads the state, with the
         device-resident TensorData splits: rules with per-example state size it here. Default: nothing."""
@@ -63,6 +69,11 @@ class LearningRule(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""
         return self.model(x)
+
+    def decode(self, src: torch.Tensor, beam_size: int, max_len: int, length_penalty: float) -> torch.Tensor:
+        """Sequence inference for translation: src (B, S) ids -> (B, T) hypothesis ids (beam search of
+        the model). A rule whose inference differs from its model's overrides this, as it does predict."""
+        return self.model.beam(src, beam_size, max_len, length_penalty)
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Per-epoch measurements on a fixed held-out batch (e.g. alignment with the true gradient).
