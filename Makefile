@@ -32,7 +32,7 @@ test-slow: install ## slower checks (full datasets, longer training)
 tables: install ## rebuild results/tables/ from the committed records (no training)
 	$(PY) -m bpfree.tables
 	$(PY) scripts/plot_feedback.py
-	$(PY) -m bpfree.figures_al --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
+	$(PY) experiments/associated-learning/figures.py --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
 	$(PY) experiments/backprop-free-transformers/figures.py   # figures the table specs ask for (accuracy/alignment vs depth)
 
 # a casual `make bench` writes the ignored runs/bench; BENCH_OUT=results/bench refreshes the committed rows

@@ -125,6 +125,8 @@ def fit(
     train_seconds, samples, start_epoch = 0.0, 0, 0
     ckpt = Path(checkpoint_path) / "last.pt" if checkpoint_path else None
 
+    rule.prepare(train, test)  # per-example state is sized before a resume loads it
+    want_idx = {"with_index": True} if rule.wants_indices else {}
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if fingerprint is not None and state.get("fingerprint") not in (None, fingerprint):
@@ -153,7 +155,7 @@ def fit(
         sums: dict[str, torch.Tensor] = {}
         n_batches, bad = 0, None
         t0 = time.perf_counter()
-        it = batch_fn(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment)
+        it = batch_fn(train, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment, **want_idx)
         total = math.ceil(len(train) / batch_size)
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
@@ -162,10 +164,11 @@ def fit(
             # the whole epoch runs through the stages first (a pipeline has no per-step join); its steps'
             # scalars then pass through the same accounting and NaN checks
             bar = _staged_epoch(engine, bar, max_steps_per_epoch)
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y, *idx) in enumerate(bar):  # idx: each example's row, for rules that want it
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
-            out = y if engine is not None else rule.train_step(x, y, optimizer)  # staged: (n, scalars)
+            out = y if engine is not None else (  # staged: (n, scalars)
+                rule.train_step(x, y, optimizer, idx=idx[0]) if idx else rule.train_step(x, y, optimizer))
             if engine is not None:
                 n_y, out = out
             for k, v in out.items():

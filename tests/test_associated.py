@@ -204,7 +204,7 @@ def test_cifar100_configs_compose_and_train_on_generated_files(tmp_path, model):
 
 
 def test_class_distances_match_their_definition():
-    from bpfree.figures_al import class_distances
+    class_distances = _figures().class_distances
 
     # two classes, two points each: class 0 at (0,0),(0,2); class 1 at (10,0),(10,2)
     z = np.array([[0, 0], [0, 2], [10, 0], [10, 2]], dtype=float)
@@ -215,7 +215,7 @@ def test_class_distances_match_their_definition():
 
 
 def test_figures_render_bp_above_al(tmp_path):
-    from bpfree.figures_al import render
+    render = _figures().render
 
     recs = []
     for m in ("bp", "al"):
@@ -318,3 +318,15 @@ def test_al_resnet20_beats_chance_on_5000_cifar10_jpeg_images():
     acc = float((pred == data.test.y).float().mean())
     assert len(pred.unique()) > 3, "eq. 8 predicts (nearly) one class for every image"
     assert acc > 0.17, f"AL ResNet-20 test accuracy after 500 steps: {acc:.4f} (chance 0.10)"
+
+
+def _figures():
+    """experiments/associated-learning/figures.py (the paper's own figure code lives with its tables)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "associated-learning" / "figures.py"
+    spec = importlib.util.spec_from_file_location("al_figures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -31,9 +31,10 @@ class Splits:
 
 
 def batches(data: TensorData, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            augment=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) mini-batches. The order depends only on (seed, epoch), so a resumed run replays
-    exactly the batches an uninterrupted one would have seen."""
+            augment=None, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (x, y) mini-batches, or (x, y, idx) with `with_index` (idx (B,) int64: each example's row in
+    `data`, for rules with per-example state). The order depends only on (seed, epoch), so a resumed run
+    replays exactly the batches an uninterrupted one would have seen."""
     n = len(data)
     if shuffle:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -45,7 +46,7 @@ def batches(data: TensorData, batch_size: int, *, shuffle: bool, seed: int = 0, 
         x = data.x[idx]
         if augment is not None:
             x = augment(x)
-        yield x, data.y[idx]
+        yield (x, data.y[idx], idx) if with_index else (x, data.y[idx])
 
 
 def jitter(x: torch.Tensor, pixels: int = 2) -> torch.Tensor:

@@ -27,6 +27,10 @@ class UnsupportedModel(TypeError):
 
 
 class LearningRule(nn.Module):
+    # Rules with per-example state (auxiliary activations) set this: the loop then batches with each
+    # example's index and calls train_step(x, y, optimizer, idx=idx), idx (B,) int64 rows of the train split.
+    wants_indices: bool = False
+
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model = model
@@ -57,6 +61,10 @@ class LearningRule(nn.Module):
         source trains some of its modules at another learning rate returns torch param groups, e.g.
         [{"params": forward}, {"params": inverses, "lr": 0.005}] (a group's own lr wins)."""
         return self.parameters()
+
+    def prepare(self, train, test) -> None:
+        """Called once by the loop before training, and before a resume loads the state, with the
+        device-resident TensorData splits: rules with per-example state size it here. Default: nothing."""
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""

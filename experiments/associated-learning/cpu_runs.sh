@@ -10,8 +10,8 @@
 #     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
 #     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
-# Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python -m bpfree.figures_al <records>.
-# Usage: scripts/al_cpu_runs.sh [step ...]
+# Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py <records>.
+# Usage: experiments/associated-learning/cpu_runs.sh [step ...]
 #   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
 # VGG (the authors' 6-conv VGG) is GPU-only here: one BP step at batch 32 took 1.3-1.9 s on one core.
 set -euo pipefail
@@ -44,6 +44,6 @@ for s in ${steps[@]}; do case $s in
   t3resnet20) pair al_table3 resnet20fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
   t3resnet32) pair al_table3 resnet32fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
   features_mlp|features_cnn)
-         nice -n 10 "$PY" -m bpfree.figures_al results/records/associated-learning/table3/{bp,al}-${s#features_}-cifar10_jpeg-s0.json ;;
+         nice -n 10 "$PY" experiments/associated-learning/figures.py results/records/associated-learning/table3/{bp,al}-${s#features_}-cifar10_jpeg-s0.json ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

@@ -2,7 +2,7 @@
 
 Two steps, so that `make tables` never trains or touches a checkpoint:
 
-1. `python -m bpfree.figures_al results/records/associated-learning/table3/<run>.json ...` (after the
+1. `python experiments/associated-learning/figures.py results/records/associated-learning/table3/<run>.json ...` (after the
    runs, while their checkpoints exist): rebuild each run's rule from its record, load
    checkpoint_dir/last.pt, pass the first 1000 test images through the inference path (eq. 8 for AL,
    the network for BP) with forward hooks on the model's blocks, and
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, to import bpfree
 
 N_POINTS = 1000
 FIG_LAYERS = {"mlp": ["l2", "l4", "l6"], "cnn": ["c4", "c8", "f4"]}     # §5.4
@@ -67,9 +69,9 @@ def _tsne(z: np.ndarray, seed: int = 0) -> np.ndarray:
 def extract(record_path: str | Path, records_dir: str | Path = "results/records") -> Path:
     """Features of one finished run (see the module docstring); returns the derived record's path."""
     from bpfree.data import load_dataset
-    from bpfree.models import blocks, build_model
+    from bpfree.build import build_rule_for
+    from bpfree.models import blocks
     from bpfree.records import record_path as rec_path, write_record
-    from bpfree.rules import build_rule
     from bpfree.tasks import TASKS
 
     with open(record_path) as f:
@@ -77,18 +79,16 @@ def extract(record_path: str | Path, records_dir: str | Path = "results/records"
     c = rec["config"]
     model_name = c["model"]["name"]
     if model_name not in FIG_LAYERS:
-        raise ValueError(f"figures_al covers models {sorted(FIG_LAYERS)} (§5.4), not {model_name!r}")
+        raise ValueError(f"these figures cover models {sorted(FIG_LAYERS)} (§5.4), not {model_name!r}")
     ckpt = Path(c["checkpoint_dir"]) / "last.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt} not found: rerun {record_path}'s configuration (checkpoints are "
                                 "not committed), then extract again")
     ds = c["dataset"]
     data = load_dataset(ds["name"], c["data"]["root"], c["data"]["cache_dir"])
-    model = build_model(model_name, ds["input_shape"], ds["num_classes"],
-                        **{k: v for k, v in c["model"].items() if k != "name"})
     task = TASKS[data.task](ds["num_classes"])
-    rule = build_rule(c["method"]["name"], model, task.loss,
-                      **{k: v for k, v in c["method"].items() if k != "name"})
+    rule = build_rule_for(c, ds["input_shape"], ds["num_classes"], task.loss, "cpu")  # as run.py built it
+    model = rule.model
     rule.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["rule"])
     rule.eval()
     x, y = data.test.x[:N_POINTS], data.test.y[:N_POINTS]
@@ -164,8 +164,8 @@ def render(records: list[dict], out_dir: str | Path) -> list[Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m bpfree.figures_al RECORD.json [...]   (extract, after training)\n"
-                         "       python -m bpfree.figures_al --render [RECORDS_DIR [OUT_DIR]]  (make tables)")
+        raise SystemExit("usage: python experiments/associated-learning/figures.py RECORD.json [...]   (extract, after training)\n"
+                         "       python experiments/associated-learning/figures.py --render [RECORDS_DIR [OUT_DIR]]  (make tables)")
     if sys.argv[1] == "--render":
         from bpfree.records import read_records
 
