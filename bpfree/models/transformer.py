@@ -102,9 +102,8 @@ def sinusoids(length: int, d: int) -> torch.Tensor:
 
 @MODELS.register("transformer")
 class Seq2SeqTransformer(nn.Module):
-    def __init__(self, input_shape=None, num_classes: int = 8000, *, d_model: int = 512, heads: int = 8,
-                 ff: int = 2048, layers: int = 6, dropout: float = 0.1, tie_embeddings: bool = True,
-                 max_positions: int = 1024):
+    def __init__(self, input_shape, num_classes: int, *, d_model: int, heads: int, ff: int, layers: int,
+                 dropout: float, tie_embeddings: bool, max_positions: int):
         super().__init__()
         self.vocab, self.d = num_classes, d_model
         self.embed = nn.Embedding(num_classes, d_model, padding_idx=PAD)  # shared by both sides
