@@ -18,7 +18,7 @@ from bpfree.tasks import Classification
 from tests.conftest import CACHE
 
 LOSS = Classification(10).loss
-SG = dict(alpha_gs=1.0, target="true")
+SG = dict(alpha_gs=1.0, target="bp")
 VFBN_KW = dict(stem_width=16, widths=[32, 64, 64], image_size=24, big_crop=28, train_views="vfbn",
                test_views="center_flip")
 
@@ -109,7 +109,7 @@ def test_nothing_from_above_the_split_reaches_below(mnist):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0e-3])
 def test_vfbn_alpha0_leaves_vf_unchanged_and_alpha_positive_trains_it(mnist, alpha):
-    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=alpha, target="true", hidden=[16])
+    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=alpha, target="bp", hidden=[16])
     vf0, low0 = params(r.synths), params(r.model.blocks["l1"])
     opt = torch.optim.Adam(r.parameters(), 1e-3)
     for x, y in mnist:
@@ -121,7 +121,7 @@ def test_vfbn_alpha0_leaves_vf_unchanged_and_alpha_positive_trains_it(mnist, alp
 
 
 def test_linear_vf_delta_is_eq8_by_hand(mnist):
-    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=0.0, target="true", hidden=[])
+    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=0.0, target="bp", hidden=[])
     x, y = mnist[1]
     h = r.model.blocks["l2"](r.model.blocks["l1"](x.flatten(1))).detach()  # (B, 48)
     W, b = r.synths[0].vf.classifier.weight, r.synths[0].vf.classifier.bias  # (10, 48), (10,)
@@ -132,7 +132,7 @@ def test_linear_vf_delta_is_eq8_by_hand(mnist):
 
 
 def test_one_hidden_layer_vf_delta_is_eq9_by_hand(mnist):
-    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=0.0, target="true", hidden=[20])
+    r = build_rule("vfbn", mlp(), LOSS, split="l2", alpha_gs=0.0, target="bp", hidden=[20])
     x, y = mnist[2]
     h = r.model.blocks["l2"](r.model.blocks["l1"](x.flatten(1))).detach()
     l1, l2 = r.synths[0].vf.body[0], r.synths[0].vf.classifier
@@ -145,7 +145,7 @@ def test_one_hidden_layer_vf_delta_is_eq9_by_hand(mnist):
 def test_unknown_or_last_split_is_refused_with_the_block_names():
     for bad in ("s9b9", "l4"):
         with pytest.raises(ValueError, match=r"valid block names: \['l1', 'l2', 'l3'\]"):
-            build_rule("vfbn", mlp(), LOSS, split=bad, alpha_gs=0.0, target="true", hidden=[])
+            build_rule("vfbn", mlp(), LOSS, split=bad, alpha_gs=0.0, target="bp", hidden=[])
 
 
 def test_synthesizer_of_the_wrong_shape_is_refused_at_construction():
@@ -187,7 +187,7 @@ def test_eval_prediction_is_the_mean_probability_over_the_test_views():
     ("sg_linear", dict(context=True, kernel=5, zero_init=True, **SG)),
     ("sg_resnet", dict(context=True, width=16, zero_init=True, **SG)),
     ("vfbn", dict(hidden=[], **SG)),
-    ("local_supervised", dict(target="true", predict_from="top")),
+    ("local_supervised", dict(target="bp", predict_from="top")),
     ("bottom_half_bp", dict()),
 ])
 def test_every_rule_steps_on_the_vfbn_resnet_with_finite_diagnostics(method, kw):

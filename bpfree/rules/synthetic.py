@@ -9,11 +9,13 @@ segment k (the stream leaving block `split[k]`, shape (B, *S)):
 - segment k < top learns from the synthetic gradient delta_hat_k(h_k, y): h_k.backward(delta_hat_k / B)
   the moment h_k is computed; the top segment learns from the task loss as usual;
 - each segment's input is detached, so nothing from above a split reaches below it;
-- synthesizer k learns from the DETACHED target delta_k, minimising
-  alpha_gs * mean_batch ||delta_k - delta_hat_k||^2 (sum over S): its input h_k is detached and the target
+- synthesizer k learns from the DETACHED target delta_k, minimising alpha_gs * ||delta_k - delta_hat_k||^2
+  / (B * |S|) (the element mean, as Chainer's F.mean_squared_error and dni-pytorch's F.mse_loss; the sum
+  over S made a linear synthesizer's regression diverge under SGD lr 0.1 * alpha_gs 1e-3: its Hessian
+  grows with the 74 x 5 x 5 inputs and 11 x 11 positions per output): its input h_k is detached and the target
   is a constant, so nothing from the synthesizer's loss reaches the base model (the bug dni-pytorch's
   users hit, koz4k/dni-pytorch PR #3, was a true gradient that was not detached);
-- `target: true` (virtual-forward-backward-networks footnote 1: synchronous training) makes delta_k the
+- `target: bp` (virtual-forward-backward-networks footnote 1: synchronous training) makes delta_k the
   gradient BP would give at h_k; `target: bootstrap` (Jaderberg et al. §3, every layer decoupled) makes
   it the gradient that segment k+1 sends down from its own synthetic gradient (the true one at the top).
 
@@ -174,8 +176,8 @@ class SplitRule(LearningRule):
 
     def __init__(self, model: nn.Module, loss_fn, *, split, alpha_gs: float, target: str):
         super().__init__(model, loss_fn)
-        if target not in ("true", "bootstrap"):
-            raise ValueError(f"method.target={target!r}; valid: true (the gradient BP gives at h, "
+        if target not in ("bp", "bootstrap"):
+            raise ValueError(f"method.target={target!r}; valid: bp (the gradient BP gives at h, "
                              "footnote 1) or bootstrap (the gradient sent down by the next synthesizer)")
         if alpha_gs < 0:
             raise ValueError(f"method.alpha_gs={alpha_gs} must be >= 0 (0 keeps the synthesizer at its init)")
@@ -261,14 +263,14 @@ class SplitRule(LearningRule):
         synth, b = self.synths[k], len(y)
         if self.alpha_gs > 0:
             dh = synth(h.detach(), y)  # graph reaches the synthesizer's parameters only
-            sg_loss = (dh - target.detach()).pow(2).flatten(1).sum(1).mean()
+            sg_loss = (dh - target.detach()).pow(2).mean()
             if sg_loss.requires_grad:  # (a synthesizer without parameters has nothing to learn)
                 (self.alpha_gs * sg_loss).backward()
             dh = dh.detach()
         else:  # alpha_gs = 0: the synthesizer stays at its initialisation (Table 1, VFBN alpha = 0)
             with torch.no_grad():
                 dh = synth(h.detach(), y)
-                sg_loss = (dh - target).pow(2).flatten(1).sum(1).mean()
+                sg_loss = (dh - target).pow(2).mean()
         h.backward(dh / b)
         return {f"sg_loss/{self.splits[k]}": sg_loss.detach()}
 
@@ -287,8 +289,8 @@ class SplitRule(LearningRule):
         stats = {"loss": loss.detach()}
         true = ins[top].grad * b  # the gradient BP gives at h_{top-1}, per-sample scale
         for k in range(top - 1, -1, -1):
-            target = true if self.target == "true" else ins[k + 1].grad * b
-            if self.target == "true" and k > 0:  # carry BP's gradient one segment further down
+            target = true if self.target == "bp" else ins[k + 1].grad * b
+            if self.target == "bp" and k > 0:  # carry BP's gradient one segment further down
                 (true,) = torch.autograd.grad(outs[k], ins[k], true, retain_graph=True)
             stats |= self.lower_update(k, outs[k], y, target)
         optimizer.step()
@@ -414,4 +416,4 @@ class BottomHalfBP(LocalSupervised):
     the split plus a classifier head, trained alone by BP and scored through that head)."""
 
     def __init__(self, model, loss_fn, *, split):
-        super().__init__(model, loss_fn, split=split, target="true", predict_from="split")
+        super().__init__(model, loss_fn, split=split, target="bp", predict_from="split")

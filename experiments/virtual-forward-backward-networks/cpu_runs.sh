@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# CPU-scale runs of virtual-forward-backward-networks (what is committed under
+# results/records/virtual-forward-backward-networks/). One training process at a time, one thread.
+#   experiments/virtual-forward-backward-networks/cpu_runs.sh [mnist] [table1]
+# then `make tables`. PY=.venv/bin/python by default.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+COMMON="trainer.num_threads=1 trainer.progress=false"
+steps=${*:-mnist table1}
+for step in $steps; do
+  case $step in
+    mnist)  # Jaderberg et al.'s MNIST MLP check, every hidden layer decoupled: 6 rows x 3 seeds, 10 epochs
+      $PY run.py -m experiment=vfbn_mnist_dni $COMMON                                   # bp, sg_linear (cDNI), vfbn (eq. 8)
+      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=sg_linear method.context=false row=dni
+      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=vfbn 'method.hidden=[256]' row=vfbn_eq9
+      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=local_supervised
+      ;;
+    table1)  # Table 1 on resnet14_vfbn / cifar10_jpeg, one epoch, one seed, seven rows (cheapest first)
+      for m in bp bottom_half_bp local_supervised vfbn sg_linear sg_resnet; do
+        $PY run.py experiment=vfbn_table1_cpu $COMMON method=$m
+        if [ $m = vfbn ]; then
+          $PY run.py experiment=vfbn_table1_cpu $COMMON method=vfbn method.alpha_gs=0 row=vfbn_a0
+        fi
+      done
+      ;;
+    *) echo "unknown step $step (mnist | table1)" >&2; exit 2 ;;
+  esac
+done
