@@ -9,7 +9,7 @@ COMMON="trainer.num_threads=1 trainer.progress=false"
 steps=${*:-mnist table1}
 for step in $steps; do
   case $step in
-    mnist)  # Jaderberg et al.'s MNIST MLP check, every hidden layer decoupled: 6 rows x 3 seeds, 10 epochs
+    mnist)  # Jaderberg et al.'s MNIST MLP check, every hidden layer decoupled: 6 rows x 3 seeds, 5 epochs
       $PY run.py -m experiment=vfbn_mnist_dni $COMMON                                   # bp, sg_linear (cDNI), vfbn (eq. 8)
       $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=sg_linear method.context=false row=dni
       $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=vfbn 'method.hidden=[256]' row=vfbn_eq9
