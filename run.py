@@ -4,145 +4,118 @@
     python run.py method=bp model=mlp dataset=fmnist trainer.epochs=3
     python run.py -m experiment=ag_table1           # a paper table's sweep (hydra multirun)
 
-Only this file touches the DictConfig; everything below it takes plain arguments.
+Only this file touches Hydra and the DictConfig; everything below it takes plain arguments.
+Where a record goes (README "Run records"): an experiment at its own settings writes the committed
+results/records/; any other run (a smoke run, an override, no experiment) writes the ignored runs/.
 """
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import os
-import random
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bpfree.data import DatasetUnavailable, jitter, load_dataset
+from bpfree.build import build, validate
+from bpfree.data import DatasetUnavailable
 from bpfree.loggers import build_logger
-from bpfree.models import build_model
-from bpfree.records import SCHEMA_VERSION, environment, record_path, summarize, write_record
-from bpfree.rules import build_rule
-from bpfree.tasks import TASKS
-from bpfree.train import fit, make_optimizer
+from bpfree.records import (Identity, check_replaceable, config_fingerprint, identify, make_record, record_path,
+                            summarize, write_record)
+from bpfree.train import fit
+
+COMMITTED, ADHOC = "results", "runs"  # results/records (tables read it) vs runs/records (ignored)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+def place(c: dict, ident: Identity) -> None:
+    """Fill in run_name, records_dir and checkpoint_dir where the config leaves them null."""
+    c["run_name"] = c["run_name"] + (f"-{ident.suffix}" if ident.suffix else "")
+    base = COMMITTED if ident.official else ADHOC
+    if c["records_dir"] is None:
+        c["records_dir"] = f"{base}/records"
+    if c["checkpoint_dir"] is None:
+        c["checkpoint_dir"] = str(Path("checkpoints" if ident.official else f"{ADHOC}/checkpoints")
+                                  / c["paper"] / c["table"] / c["run_name"])
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# settings a resumed run may change without changing what it trains (more epochs; how it is watched)
-RESUMABLE_TOP = ("logger", "records_dir", "checkpoint_dir")
-RESUMABLE_TRAINER = ("epochs", "resume", "progress", "num_threads", "device")
-
-
-def config_fingerprint(c: dict) -> str:
-    """Hash of the resolved config minus the RESUMABLE_* keys: a checkpoint resumes only into its own config."""
-    kept = {k: v for k, v in c.items() if k not in RESUMABLE_TOP}
-    kept["trainer"] = {k: v for k, v in c["trainer"].items() if k not in RESUMABLE_TRAINER}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run(cfg: DictConfig) -> dict:
-    """Train one configuration and write its record; returns the record."""
+def run(cfg: DictConfig, ident: Identity | None = None) -> dict:
+    """Train one configuration and write its record; returns the record. `ident` is what the command
+    line said (main() derives it from Hydra); without it the run is ad hoc and keeps its given name."""
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    tr, ds = c["trainer"], c["dataset"]
-    if tr["num_threads"]:
-        torch.set_num_threads(tr["num_threads"])
-    seed_everything(c["seed"], tr["deterministic"])
-    device = pick_device(tr["device"])
-
-    # a dataset's own settings (text: languages, vocabulary) go to its loader; `eval` ones to its task
-    options = {k: v for k, v in ds.items() if k not in ("name", "num_classes", "input_shape", "eval")}
-    data = load_dataset(ds["name"], **{k: c["data"][k] for k in ("root", "cache_dir", "download", "subset", "test_subset")},
-                        **options)
-    task = TASKS[data.task](ds["num_classes"], **data.extras, **(ds.get("eval") or {}))
-    for split in (data.train, data.val, data.test):
-        if split is not None:
-            task.check(split, ds["name"])
-
-    model_kw = {k: v for k, v in c["model"].items() if k != "name"}
-    model = build_model(c["model"]["name"], ds["input_shape"], ds["num_classes"], **model_kw)
-    method_kw = {k: v for k, v in c["method"].items() if k != "name"}
-    rule = build_rule(c["method"]["name"], model, task.loss, **method_kw).to(device)
-    optim_kw = {k: v for k, v in c["optim"].items() if k != "name"}
-    optimizer, scheduler, interval = make_optimizer(rule.parameters(), c["optim"]["name"], **optim_kw)
+    ident = ident or Identity()
+    place(c, ident)
+    validate(c)  # before anything is loaded: a bad setting costs nothing
+    path = record_path(c["records_dir"], c["paper"], c["table"], c["run_name"])
+    check_replaceable(path, c)  # before training: a conflict costs no compute
+    if not ident.official and Path(c["records_dir"]).parts[:1] == (COMMITTED,):
+        print(f"note: writing an ad-hoc run into {c['records_dir']} because records_dir says so")
+    elif not ident.official and ident.why_not:
+        print(f"ad-hoc run ({'; '.join(ident.why_not[:3])}): record -> {path}")
+    tr = c["trainer"]
+    b = build(c)
     logger = build_logger(c["logger"]["name"], c, c["run_name"],
                           **{k: v for k, v in c["logger"].items() if k != "name"})
-    augment = None
-    if c["data"]["augment"] == "jitter":
-        augment = lambda x: jitter(x, c["data"]["jitter"])  # noqa: E731
-    elif c["data"]["augment"] is not None:
-        raise ValueError(f"unknown data.augment {c['data']['augment']!r}; valid: null, jitter")
-
     started = time.time()
     result = fit(
-        rule, task, data, optimizer, scheduler, scheduler_interval=interval,
+        b.rule, b.task, b.data, b.optimizer, b.scheduler, scheduler_interval=b.scheduler_interval,
         epochs=tr["epochs"], batch_size=tr["batch_size"], eval_batch_size=tr["eval_batch_size"],
-        seed=c["seed"], device=device, checkpoint_path=c["checkpoint_dir"], resume=tr["resume"],
+        seed=c["seed"], device=b.device, checkpoint_path=c["checkpoint_dir"], resume=tr["resume"],
         fingerprint=config_fingerprint(c), progress=tr["progress"], check_every=tr["check_every"],
         probe_size=tr["probe_size"],
-        max_steps_per_epoch=tr["max_steps_per_epoch"], augment=augment,
+        max_steps_per_epoch=tr["max_steps_per_epoch"], augment=b.augment,
         on_epoch=lambda e: logger.log({k: v for k, v in e.items() if k != "epoch"}, e["epoch"]),
     )
-    metrics = summarize(result.per_epoch, task.metrics)
-    if result.status == "ok" and hasattr(task, "final"):
+    metrics = summarize(result.per_epoch, b.task.metrics)
+    if result.status == "ok":
         # tasks scored once on a selected checkpoint (translation: decode + BLEU/METEOR/COMET) add
         # those scores to `final`; `selected` says which epoch they come from
-        metrics["final"] |= task.final(rule, data, tr["eval_batch_size"])
-        metrics["selected"] = result.extras
-    record = {
-        "schema": SCHEMA_VERSION,
-        "paper": c["paper"], "table": c["table"], "row": str(c["row"]), "column": str(c["column"]),
-        "name": c["run_name"], "method": c["method"]["name"], "model": c["model"]["name"],
-        "dataset": ds["name"], "dataset_note": data.note, "seed": c["seed"], "scale": c["scale"],
-        "status": result.status, "message": result.message,
-        "config": c,
-        "metrics": metrics,
-        "params": rule.param_counts(),
-        "timing": {
+        metrics["final"] |= b.task.final(b.rule, b.data, tr["eval_batch_size"])
+        if result.extras:
+            metrics["selected"] = result.extras
+    record = make_record(
+        c, note=b.data.note, status=result.status, message=result.message, metrics=metrics,
+        params=b.rule.param_counts(), device=b.device,
+        timing={
             "train_seconds": result.train_seconds,
             "samples_per_second": result.samples_seen / result.train_seconds if result.train_seconds else 0.0,
             "wall_seconds_this_process": time.time() - started,
             "resumed_from_epoch": result.resumed_from_epoch,
-        },
-        "env": environment(device),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    path = write_record(record, record_path(c["records_dir"], c["paper"], c["table"], c["run_name"]))
+        })
+    path = write_record(record, path)
     logger.finish(record["metrics"]["best"])
-    best = record["metrics"]["best"].get(task.primary, record["metrics"]["final"].get(task.primary))
+    if result.status == "ok" and not tr["keep_checkpoints"] and c["checkpoint_dir"]:
+        shutil.rmtree(c["checkpoint_dir"], ignore_errors=True)  # the record is written; resume is moot
+    primary = b.task.primary
+    best = record["metrics"]["best"].get(primary, record["metrics"]["final"].get(primary))
     print(f"record: {path}")
-    print(f"status: {result.status}; best {task.primary}: {best if best is None else f'{best:.4f}'}; "
-          f"final {task.primary}: {record['metrics']['final'].get(task.primary)}")
+    print(f"status: {result.status}; best {primary}: {best if best is None else f'{best:.4f}'}; "
+          f"final {primary}: {record['metrics']['final'].get(primary)}")
     return record
 
 
+def _identity() -> Identity:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    params = OmegaConf.to_container(hc.sweeper.params, resolve=False) if hc.sweeper.get("params") else {}
+    return identify(list(hc.overrides.task), params)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(cfg)
+        return {"status": run(cfg, _identity())["status"]}
     except DatasetUnavailable as e:
         # In a sweep, a missing dataset skips that job (its table cell says so); alone, it is an error.
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             print(f"skipped: {e}", file=sys.stderr)
-            return
+            return {"status": "skipped", "message": str(e)}
         raise SystemExit(f"error: {e}")
     except (KeyError, ValueError, TypeError) as e:
         # configuration mistakes (unknown option, shape mismatch) read best as one line; a bug

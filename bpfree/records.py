@@ -5,10 +5,13 @@ an interrupted write never leaves a half record. Schema (version 1) is documente
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -100,4 +103,151 @@ def environment(device: torch.device) -> dict:
         "num_threads": torch.get_num_threads(),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+# --- Which run a record belongs to: its name, where it goes, when it may replace another -------------
+
+# Settings a run may change without changing what it trains: how long (a resumed run continues with more
+# epochs), how it is watched, and where it writes. They are left out of a record's name, of the resume
+# fingerprint and of the "same configuration?" test below. BUDGET is the part that says how long.
+BUDGET = ("trainer.epochs",)
+RESUMABLE = (*BUDGET, "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.device",
+             "trainer.keep_checkpoints", "logger", "records_dir", "checkpoint_dir", "run_name")
+# keys shown by the base name itself (conf/config.yaml run_name) or naming the experiment
+NAMED = ("method", "model", "dataset", "seed", "scale", "experiment")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= _flat(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def _excluded(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE) or key == "hydra" or key.startswith("hydra.")
+
+
+def config_fingerprint(c: dict) -> str:
+    """Hash of the resolved config minus the RESUMABLE keys: a checkpoint resumes only into its own config."""
+    kept = {k: v for k, v in _flat(c).items() if not _excluded(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting the two resolved configs both have and set differently,
+    RESUMABLE keys (the budget among them) aside. Keys only one side has are settings added to the suite
+    after the older record was written; they are not compared."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if not _excluded(k) and a[k] != b[k]]
+
+
+def _override_key(o: str) -> tuple[str, str]:
+    key, _, value = o.lstrip("+~").partition("=")
+    return key, value
+
+
+def _in_grid(value: str, grid) -> bool:
+    """Whether a swept value is one of a sweeper's `params` entry (a comma list such as 'bp,fa,kp')."""
+    options = [str(g).strip() for g in grid] if isinstance(grid, (list, tuple)) else str(grid).split(",")
+    return value.strip() in [o.strip() for o in options]
+
+
+@dataclass
+class Identity:
+    """What the command line says about a run: the overrides its name must show, and whether it is an
+    experiment at its own settings (the only runs that may write the committed results/records)."""
+    suffix: str = ""          # appended to the base run name; "" when nothing beyond the name was changed
+    official: bool = False
+    why_not: list[str] = field(default_factory=list)  # what made it ad hoc (for the message)
+
+
+def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
+    """`overrides`: the job's command-line overrides (Hydra's `hydra.overrides.task`, which in a multirun
+    include the swept values); `sweep_params`: the experiment's own `hydra.sweeper.params`.
+
+    - The name gets every override that neither the base name shows (NAMED) nor the experiment sweeps
+      (its run_name shows those; tests/test_reliability.py checks every experiment's grid has unique
+      names), nor is RESUMABLE; so two configurations never share a record or a checkpoint.
+    - Official = an experiment was chosen and every other override is one of its own sweep values, a seed,
+      or RESUMABLE other than the budget (`trainer.epochs=1` on an experiment is a smoke run).
+    """
+    sweep_params = dict(sweep_params or {})
+    keys = [_override_key(o) for o in overrides]
+    shown, why_not = [], []
+    experiment = any(k == "experiment" for k, _ in keys)
+    if not experiment:
+        why_not.append("no experiment= was chosen")
+    for (k, v), raw in zip(keys, overrides):
+        if k in BUDGET:  # not in the name (a longer run continues the same one), but not the experiment's
+            why_not.append(f"{raw} changes the experiment's budget")
+            continue
+        if k.startswith("hydra.") or _excluded(k):
+            continue
+        if k in sweep_params:
+            if not _in_grid(v, sweep_params[k]):
+                why_not.append(f"{k}={v} is outside the experiment's sweep ({sweep_params[k]})")
+                shown.append(raw)
+            continue
+        if k in NAMED:
+            if k not in ("seed", "experiment") and experiment:
+                why_not.append(f"{raw} changes the experiment's {k}")
+            continue
+        shown.append(raw)
+        why_not.append(f"{raw} is not one of the experiment's settings")
+    suffix = ""
+    if shown:
+        text = ",".join(sorted(shown))
+        readable = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")[:60]
+        # the hash keeps names distinct where the readable part is cut or two values map to one spelling
+        suffix = f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+    return Identity(suffix, experiment and not why_not, why_not)
+
+
+class RecordConflict(ValueError):
+    """A record for a different configuration is already at the path this run would write."""
+
+
+def check_replaceable(path: Path, c: dict) -> None:
+    """Refuse to overwrite a record of another configuration (before training, so no compute is lost).
+    The same configuration with another budget (more epochs) may replace it: that is a longer run of the
+    same cell, not a different one."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f).get("config") or {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordConflict(f"{path} exists but cannot be read ({e}); move it away before rerunning") from e
+    diff = config_differences(old, c)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise RecordConflict(
+            f"{path} holds the record of a different configuration ({shown}). It is never overwritten: "
+            f"give this run its own run_name=..., or records_dir=runs/records, or move that record away")
+
+
+def make_record(c: dict, *, note: str, status: str, message: str, metrics: dict, params: dict,
+                timing: dict, device) -> dict:
+    """The schema-1 record of a run of resolved config `c` (README "Run records" documents each key)."""
+    import datetime as dt
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "paper": c["paper"], "table": c["table"], "row": str(c["row"]), "column": str(c["column"]),
+        "name": c["run_name"], "method": c["method"]["name"], "model": c["model"]["name"],
+        "dataset": c["dataset"]["name"], "dataset_note": note, "seed": c["seed"], "scale": c["scale"],
+        "status": status, "message": message,
+        "config": c,
+        "metrics": metrics,
+        "params": params,
+        "timing": timing,
+        "env": environment(device),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,6 +1,7 @@
-"""Records + the papers' reported numbers -> results/tables/<paper>__<table>.{md,csv} (+ a learning-curve
-PNG). `python -m bpfree.tables` (make tables). Nothing here trains; every number of ours comes from a
-record, every paper number from results/reference.yaml, and a cell with no records says why.
+"""Records + table specs + the papers' reported numbers -> results/tables/<paper>__<table>.{md,csv} (+ a
+learning-curve PNG). `python -m bpfree.tables` (make tables). Nothing here trains; every number of ours
+comes from a record, every paper number from results/reference.yaml, and a cell with no records says why.
+A table's layout (rows, columns, metrics, not_run, borrow, ...) is its spec in experiments/<paper>/tables.yaml.
 
 Layout (long format, one line per cell and metric):
   row | column | metric | scale | ours (mean ± std) | n | paper (mean ± std) | ours - paper | z
@@ -20,6 +21,8 @@ import yaml
 from bpfree.records import read_records
 
 DEFAULT_REFERENCE = "results/reference.yaml"
+DEFAULT_SPECS = "experiments"
+DEFAULT_SPEC = {"metrics": ["test_acc"], "select": "best"}  # a table of records with no spec yet
 
 
 def _paper_value(reported: dict, row: str, col: str, metric: str, single: bool):
@@ -246,6 +249,27 @@ def load_reference(path) -> dict:
         return yaml.load(f, Loader=_UniqueKeyLoader) or {}
 
 
+def load_specs(specs_dir=DEFAULT_SPECS, reference=DEFAULT_REFERENCE) -> dict:
+    """{paper: {table: spec}}: each experiments/<paper>/tables.yaml, with the paper's numbers (`source`,
+    `reported`) joined in from the reference file. Reference numbers for a table no spec lays out are
+    an error (they would never be shown)."""
+    specs: dict = {}
+    for f in sorted(Path(specs_dir).glob("*/tables.yaml")):
+        specs[f.parent.name] = load_reference(f)
+    for paper, tables in load_reference(reference).items():
+        for table, ref in tables.items():
+            if table not in specs.get(paper, {}):
+                raise ValueError(f"{reference} has numbers for {paper}/{table}, which no "
+                                 f"{specs_dir}/{paper}/tables.yaml lays out: add its spec there")
+            extra = set(ref) - {"source", "reported"}
+            if extra:
+                raise ValueError(f"{reference}: {paper}/{table} has {sorted(extra)}; the reference file holds "
+                                 f"only the papers' `source` and `reported`; layout keys go in "
+                                 f"{specs_dir}/{paper}/tables.yaml")
+            specs[paper][table] = {**specs[paper][table], **ref}
+    return specs
+
+
 def _records_for(paper: str, table: str, spec: dict, by_table: dict) -> tuple[list[dict], list[str]]:
     """A table's runs and the record folders they come from.
 
@@ -263,8 +287,8 @@ def _records_for(paper: str, table: str, spec: dict, by_table: dict) -> tuple[li
 
 
 def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_dir="results/tables",
-               data_root: str | None = None, plots: bool = True) -> list[Path]:
-    ref = load_reference(reference)
+               data_root: str | None = None, plots: bool = True, specs_dir=DEFAULT_SPECS) -> list[Path]:
+    ref = load_specs(specs_dir, reference)
     records = [r for r in read_records(records_dir) if r["paper"] != "adhoc"]
     by_table: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
@@ -274,7 +298,7 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for paper, table in sorted(keys):
-        spec = ref.get(paper, {}).get(table) or {"metrics": ["test_acc"], "select": "best"}
+        spec = ref.get(paper, {}).get(table) or DEFAULT_SPEC
         recs, sources = _records_for(paper, table, spec, by_table)
         df = build_table(paper, table, spec, recs, data_root)
         stem = out / f"{paper}__{table}"
@@ -312,12 +336,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", default="results/records")
     ap.add_argument("--reference", default=DEFAULT_REFERENCE)
+    ap.add_argument("--specs", default=DEFAULT_SPECS, help="folder of <paper>/tables.yaml table specs")
     ap.add_argument("--out", default="results/tables")
     ap.add_argument("--data-root", default=os.environ.get("BPFREE_DATA", "data"),
                     help="where datasets live (to say 'unavailable offline' for empty cells)")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
-    for p in render_all(a.records, a.reference, a.out, a.data_root, plots=not a.no_plots):
+    for p in render_all(a.records, a.reference, a.out, a.data_root, plots=not a.no_plots, specs_dir=a.specs):
         print(p)
 
 

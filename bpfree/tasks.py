@@ -7,7 +7,27 @@ import torch.nn.functional as F
 from bpfree.data import TensorData, batches, length_batches
 
 
-class Classification:
+class Task:
+    """What the training loop asks of a task; each default here is what a plain classifier needs.
+
+    - `loss(output, y)`: the task loss every rule reports as `loss` (local objectives get their own keys);
+    - `batches(data, batch_size, shuffle=, seed=, epoch=, augment=)`: how a split is batched;
+    - `select`: None, or (metric, "min"|"max"): keep the epoch whose weights `final` scores;
+    - `evaluate(predict, data, batch_size)`: per-epoch metrics through the rule's `predict`;
+    - `final(rule, data, batch_size)`: scores computed once after training (translation: decode + BLEU),
+      through the rule's own inference, never around it.
+    """
+
+    metrics: dict[str, str] = {}
+    primary: str = ""
+    select: tuple[str, str] | None = None
+    batches = staticmethod(batches)
+
+    def final(self, rule, data, batch_size: int) -> dict:
+        return {}
+
+
+class Classification(Task):
     """Models emit log-probabilities (B, classes); loss = NLL, metrics = accuracy (a fraction)."""
 
     metrics = {"test_acc": "max", "test_loss": "min"}  # how 'best over epochs' is taken
@@ -52,7 +72,7 @@ def smoothed_nll(logp: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch
     return ((1.0 - smoothing) * nll - smoothing * lp.mean(1)).mean()
 
 
-class Translation:
+class Translation(Task):
     """Sequence-to-sequence: models emit log-probabilities (B, T, vocab) for the target positions.
 
     Training loss: token NLL with label smoothing, padding ignored. Each epoch: teacher-forced loss,

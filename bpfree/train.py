@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from bpfree.data import Splits, batches
+from bpfree.data import Splits
 from bpfree.rules import LearningRule
 
 
@@ -26,9 +26,14 @@ class FitResult:
     extras: dict = field(default_factory=dict)
 
 
+# optim.name options (conf/optim/*.yaml); their other keys are these constructors' keyword arguments
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "rmsprop": torch.optim.RMSprop}
+
+
 def make_optimizer(params, name: str, lr: float, scheduler=None, **kw):
     """Returns (optimizer, scheduler or None, scheduler interval 'epoch'|'step')."""
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    kinds = OPTIMIZERS
     if name not in kinds:
         raise ValueError(f"unknown optim.name {name!r}; valid: {sorted(kinds)}")
     if "betas" in kw:
@@ -92,10 +97,10 @@ def fit(
     device = torch.device(device)
     train, test = data.train.to(device), data.test.to(device)
     val = data.val.to(device) if data.val is not None else None
-    # tasks may batch their own way (translation: length buckets); the default is `batches`
-    batch_fn = getattr(task, "batches", batches)
+    # tasks may batch their own way (translation: length buckets); bpfree.tasks.Task documents the contract
+    batch_fn = task.batches
     # tasks that score one chosen epoch (translation: lowest validation loss) name the metric here
-    select = getattr(task, "select", None)
+    select = task.select
     best_state, best_value, best_epoch = None, None, 0
     best_ckpt = Path(checkpoint_path) / "best.pt" if checkpoint_path else None
     # fixed held-out batch for the rule's per-epoch diagnostics (alignment with the true gradient, ...)

@@ -9,8 +9,9 @@ Wᵀ (feedback rules), right the angle between the rule's weight update and the 
 on the fixed probe batch; one line per layer, mean over seeds. Tables with several columns (e.g. the
 depth sweep) are drawn for their last column (the deepest model). Writes
 results/tables/<paper>__<table>__alignment.png.
-2. For tables whose columns are numbers (the depth sweep): test accuracy vs column, one line per method
-(mean over seeds, best over epochs): results/tables/<paper>__<table>__vs_column.png.
+2. For tables whose spec asks for it (`figures: {vs_column: {xlabel: ...}}`, e.g. the depth sweep): test
+accuracy vs column, one line per method (mean over seeds, best over epochs):
+results/tables/<paper>__<table>__vs_column.png.
 Nothing here trains.
 """
 from __future__ import annotations
@@ -20,10 +21,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.records import read_records  # noqa: E402
+from bpfree.tables import load_specs  # noqa: E402
 
 KINDS = (("angle_B/", "angle(B, Wᵀ)"), ("angle_grad/", "angle(rule update, BP gradient)"))
 
@@ -101,8 +101,9 @@ def plot_vs_column(paper: str, table: str, spec: dict, records: list[dict], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig_spec = (spec.get("figures") or {}).get("vs_column")
     ok = [r for r in records if r["status"] == "ok" and r["metrics"]["best"].get("test_acc") is not None]
-    if not ok or not all(str(r["column"]).isdigit() for r in ok):
+    if fig_spec is None or not ok or not all(str(r["column"]).isdigit() for r in ok):
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = spec.get("labels", {})
@@ -114,9 +115,10 @@ def plot_vs_column(paper: str, table: str, spec: dict, records: list[dict], path
         if by_col:
             xs = sorted(by_col)
             ax.plot(xs, [100 * sum(by_col[x]) / len(by_col[x]) for x in xs], marker="o", label=labels.get(row, row))
-    ax.set_xlabel("hidden layers" if table == "depth" else "column", fontsize=8)
+    xlabel = fig_spec.get("xlabel", "column")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("test accuracy % (best epoch)", fontsize=8)
-    ax.set_title(f"{paper} {table}: accuracy vs {'depth' if table == 'depth' else 'column'}", fontsize=9)
+    ax.set_title(f"{paper} {table}: accuracy vs {xlabel}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -130,10 +132,10 @@ def main(argv=None) -> None:
     ap.add_argument("--paper", default="backprop-free-transformers")
     ap.add_argument("--records", default="results/records")
     ap.add_argument("--reference", default="results/reference.yaml")
+    ap.add_argument("--specs", default="experiments")
     ap.add_argument("--out", default="results/tables")
     a = ap.parse_args(argv)
-    with open(a.reference) as f:
-        ref = (yaml.safe_load(f) or {}).get(a.paper, {})
+    ref = load_specs(a.specs, a.reference).get(a.paper, {})
     recs = [r for r in read_records(a.records) if r["paper"] == a.paper]
     for table in sorted(set(ref) | {r["table"] for r in recs}):
         mine = [r for r in recs if r["table"] == table]

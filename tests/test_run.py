@@ -22,7 +22,7 @@ def _metrics_without_timing(record):
 
 def test_short_run_writes_a_valid_record(compose_run, tmp_path):
     rec = run(compose_run([*SMALL, "trainer.epochs=2", "seed=3"]))
-    path = tmp_path / "records" / "adhoc" / "adhoc" / "bp-mlp-mnist-s3.json"
+    path = tmp_path / "records" / "adhoc" / "adhoc" / "bp-mlp-mnist-paper-s3.json"  # the scale is in the name
     on_disk = validate(json.loads(path.read_text()))
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["status"] == "ok" and on_disk["seed"] == 3 and on_disk["scale"] == "paper"
@@ -52,7 +52,9 @@ def test_resume_refuses_a_checkpoint_from_another_config(compose_run, tmp_path):
     ck = "checkpoint_dir=" + str(tmp_path / "c")
     run(compose_run([*SMALL, "trainer.epochs=1", ck, "run_name=x"]))
     with pytest.raises(ValueError, match="trainer.resume=false"):
-        run(compose_run([*SMALL, "trainer.epochs=2", "trainer.resume=true", ck, "run_name=x", "optim.lr=3e-3"]))
+        # its own records_dir: the record guard (tests/test_reliability.py) would refuse first otherwise
+        run(compose_run([*SMALL, "trainer.epochs=2", "trainer.resume=true", ck, "run_name=x", "optim.lr=3e-3",
+                         f"records_dir={tmp_path / 'other'}"]))
 
 
 def test_nan_loss_ends_as_diverged_record_not_a_crash(compose_run):

@@ -1,4 +1,5 @@
-"""Tables are derived from records and the reference file, and say why a cell is empty."""
+"""Tables are derived from records, the table specs (experiments/<paper>/tables.yaml) and the papers'
+numbers (the reference file), and say why a cell is empty."""
 from __future__ import annotations
 
 import copy
@@ -27,23 +28,43 @@ def _rec(seed, acc, status="ok", row="bp", column="mnist"):
     return r
 
 
+def _write_tables(tmp_path, combined: dict):
+    """Write {paper: {table: spec + reported}} the way the repository keeps it: layouts in
+    <specs>/<paper>/tables.yaml, the papers' numbers alone in reference.yaml. Returns the reference path."""
+    ref = {}
+    for paper, tables in combined.items():
+        d = tmp_path / "specs" / paper
+        d.mkdir(parents=True, exist_ok=True)
+        layout = {t: {k: v for k, v in spec.items() if k not in ("reported", "source")} for t, spec in tables.items()}
+        (d / "tables.yaml").write_text(yaml.safe_dump(layout))
+        for t, spec in tables.items():
+            if "reported" in spec:
+                ref.setdefault(paper, {})[t] = {"reported": spec["reported"]}
+    path = tmp_path / "reference.yaml"
+    path.write_text(yaml.safe_dump(ref))
+    return path
+
+
+def _render(recs, ref, out, **kw):
+    return render_all(recs, ref, out, specs_dir=ref.parent / "specs", **kw)
+
+
 @pytest.fixture
 def layout(tmp_path):
     recs = tmp_path / "records"
     for i, acc in enumerate([0.96, 0.97, 0.98]):
         write_record(_rec(i, acc), recs / "p" / "t1" / f"s{i}.json")
     write_record(_rec(9, 0.5, status="diverged"), recs / "p" / "t1" / "div.json")
-    ref = tmp_path / "reference.yaml"
-    ref.write_text(yaml.safe_dump({"p": {"t1": {
+    ref = _write_tables(tmp_path, {"p": {"t1": {
         "title": "T", "metrics": ["test_acc"], "select": "best", "rows": ["bp", "fa"],
         "columns": ["mnist", "emnist"], "labels": {"bp": "baseline"},
-        "reported": {"bp": {"mnist": [0.9763, 0.002], "emnist": [0.9022, 0.002]}, "fa": {"mnist": [0.9]}}}}}))
+        "reported": {"bp": {"mnist": [0.9763, 0.002], "emnist": [0.9022, 0.002]}, "fa": {"mnist": [0.9]}}}}})
     return recs, ref
 
 
 def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
     recs, ref = layout
-    (md,) = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
     text = md.read_text()
     # mean 0.97, sample std 0.01, n=3, beside the paper's 0.9763 and the difference
     assert "| baseline | mnist | test_acc | cpu | 0.9700 ± 0.0100 | 3 | 0.9763 ± 0.0020 | -0.0063 |" in text
@@ -54,7 +75,7 @@ def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
 
 def test_empty_cells_say_why_and_are_never_filled_from_the_paper(layout, tmp_path, real_root):
     recs, ref = layout
-    (md,) = render_all(recs, ref, tmp_path / "out", data_root=str(real_root), plots=False)
+    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(real_root), plots=False)
     lines = md.read_text().splitlines()
     emnist = next(line for line in lines if "| baseline | emnist |" in line)
     assert "not available offline" in emnist and "0.9022" in emnist  # paper shown in the paper column only
@@ -96,12 +117,11 @@ def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
     recs = tmp_path / "records"
     write_record(_rec(0, 0.30, column="multi30k") | {"table": "t2"}, recs / "p" / "t2" / "a.json")
     write_record(_rec(0, 0.20, column="n3") | {"table": "t4"}, recs / "p" / "t4" / "b.json")
-    ref = tmp_path / "reference.yaml"
-    ref.write_text(yaml.safe_dump({"p": {
+    ref = _write_tables(tmp_path, {"p": {
         "t2": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["multi30k"]},
         "t4": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["n6", "n3"],
-               "borrow": [{"table": "t2", "columns": {"multi30k": "n6"}}]}}}))
-    out = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path), plots=False)
+               "borrow": [{"table": "t2", "columns": {"multi30k": "n6"}}]}}})
+    out = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path), plots=False)
     t4 = next(p for p in out if p.name == "p__t4.md").read_text()
     assert "| bp | n6 | test_acc | cpu | 0.3000 | 1 |" in t4 and "| bp | n3 | test_acc | cpu | 0.2000 | 1 |" in t4
     assert "2 run record(s) under" in t4 and "/p/t2/" in t4
@@ -111,12 +131,28 @@ def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
 
 def test_cells_left_out_on_purpose_say_why(layout, tmp_path):
     recs, ref = layout
-    spec = yaml.safe_load(ref.read_text())
-    spec["p"]["t1"]["not_run"] = {"fa/emnist": "paper has no such cell", "fa": "needs a GPU"}
-    ref.write_text(yaml.safe_dump(spec))
-    (md,) = render_all(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    specs = tmp_path / "specs" / "p" / "tables.yaml"
+    spec = yaml.safe_load(specs.read_text())
+    spec["t1"]["not_run"] = {"fa/emnist": "paper has no such cell", "fa": "needs a GPU"}
+    specs.write_text(yaml.safe_dump(spec))
+    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
     cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[5].strip()
              for line in md.read_text().splitlines() if line.startswith("| ")}
     assert cells[("fa", "emnist")] == "no records: paper has no such cell"  # row/column beats row
     assert cells[("fa", "mnist")] == "no records: needs a GPU"
     assert cells[("baseline", "mnist")] == "0.9700 ± 0.0100"  # a cell with runs is never replaced
+
+
+def test_reference_file_holds_only_the_papers_numbers(tmp_path):
+    """Layout keys in the reference file, or numbers for a table no spec lays out, are refused by name."""
+    from bpfree.tables import load_specs
+
+    specs = load_specs("experiments", "results/reference.yaml")  # the committed pair is consistent
+    assert specs["abstracted-gradients"]["table1"]["reported"]["bp"]["mnist"] == [0.9763, 0.002]
+    ref = _write_tables(tmp_path, {"p": {"t1": {"metrics": ["test_acc"], "reported": {"bp": {"mnist": [0.9]}}}}})
+    ref.write_text(yaml.safe_dump({"p": {"t1": {"rows": ["bp"], "reported": {}}}}))
+    with pytest.raises(ValueError, match=r"\['rows'\].*tables.yaml"):
+        load_specs(tmp_path / "specs", ref)
+    ref.write_text(yaml.safe_dump({"p": {"t9": {"reported": {}}}}))
+    with pytest.raises(ValueError, match="p/t9.*add its spec"):
+        load_specs(tmp_path / "specs", ref)

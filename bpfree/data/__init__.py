@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from bpfree.data.batching import Splits, TensorData, batches, jitter
+from bpfree.data.batching import AUGMENTS, Splits, TensorData, batches, jitter
 from bpfree.data.text import TEXT, length_batches, load_text, text_available
 from bpfree.data.vision import VISION, DatasetUnavailable, is_available, load_vision
 
@@ -33,5 +33,5 @@ def available(name: str, root) -> bool:
     return text_available(name, root) if name in TEXT else is_available(name, root)
 
 
-__all__ = ["Splits", "TensorData", "TEXT", "VISION", "batches", "length_batches", "jitter", "load_dataset", "is_available",
+__all__ = ["AUGMENTS", "Splits", "TensorData", "TEXT", "VISION", "batches", "length_batches", "jitter", "load_dataset", "is_available",
            "available", "DatasetUnavailable"]

@@ -62,3 +62,9 @@ def jitter(x: torch.Tensor, pixels: int = 2) -> torch.Tensor:
     bi = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+# data.augment options: name -> factory(data config) -> x -> x. A new augmentation is one entry here.
+AUGMENTS = {
+    "jitter": lambda d: (lambda x: jitter(x, d["jitter"])),
+}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bpfree.data.batching import Splits, TensorData
+from bpfree.data.verify import verify_files
 from bpfree.data.vision import DatasetUnavailable
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -119,6 +120,7 @@ def _read_local(spec: TextSpec, root: Path, cache: Path, name: str, src: str, tg
             f"{name}: {len(missing)} file(s) missing under data.root={root} (e.g. {missing[0]}); "
             f"{spec.missing}, or set data.root"
         )
+    verify_files(root, [f for pair in files.values() for f in pair], cache)  # root/SHA256SUMS, once
     out = {}
     for split, (fs, ft) in files.items():
         s, t = spec.read([root / fs, root / ft], cache)

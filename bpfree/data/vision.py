@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bpfree.data.batching import Splits, TensorData
+from bpfree.data.verify import CorruptData, verify_files
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -41,13 +42,40 @@ def _idx_files(folder: str, prefix: str = "") -> tuple[str, ...]:
     )
 
 
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An uncompressed IDX file of unsigned bytes (LeCun's MNIST format: magic 0x0000 08 <ndim>, then ndim
+    big-endian int32 sizes, then the data). Checked, so a truncated or damaged file names itself and the fix
+    instead of failing deep inside a reshape."""
+    raw = path.read_bytes()
+    fix = (f"Restore {path.name} from its source (its folder's README.txt; `python -m bpfree.data verify` "
+           "checks every file), or point data.root (env BPFREE_DATA) at an intact copy")
+    if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        raise CorruptData(f"{path} is not an IDX file of {ndim}-d unsigned bytes: header "
+                          f"{raw[:4].hex() or '(empty)'} (expected 000008{ndim:02x}). {fix}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise CorruptData(f"{path} is truncated or padded: its header says {dims} ({expected} bytes) but the "
+                          f"file has {len(raw)} bytes. {fix}")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy())
+
+
 def _torchvision_idx(cls_name: str, **kw) -> tuple[Callable, Callable]:
+    """Read the IDX files of a torchvision MNIST-family dataset (the files under <root>/<Class>/raw/);
+    torchvision is used only to download them."""
     import torchvision.datasets as tvd
 
     def read(root: Path, cache: Path) -> Arrays:
-        cls = getattr(tvd, cls_name)
-        tr, te = cls(str(root), train=True, **kw), cls(str(root), train=False, **kw)
-        return tr.data[:, None], tr.targets.long(), te.data[:, None], te.targets.long()
+        raw = root / cls_name / "raw"
+        prefix = f"emnist-{kw['split']}-" if "split" in kw else ""
+        out = []
+        for split in (("train", "test") if prefix else ("train", "t10k")):
+            x = read_idx(raw / f"{prefix}{split}-images-idx3-ubyte", 3)
+            y = read_idx(raw / f"{prefix}{split}-labels-idx1-ubyte", 1).long()
+            if len(x) != len(y):
+                raise CorruptData(f"{raw}: {split} has {len(x)} images but {len(y)} labels; restore both files")
+            out += [x[:, None], y]
+        return tuple(out)
 
     def download(root: Path) -> None:
         getattr(tvd, cls_name)(str(root), train=True, download=True, **kw)
@@ -189,6 +217,7 @@ def load_vision(name: str, root, cache_dir, download: bool = False, subset: int 
                 + f". Put its standard files under {root} or point data.root (env BPFREE_DATA) at the "
                 f"folder that holds them; {how}pick another dataset."
             )
+    verify_files(root, spec.files, cache)  # against root/SHA256SUMS, once per file version
     x_tr, y_tr, x_te, y_te = spec.read(root, cache)
     # standardise with the full training split's channel statistics (before any subsetting)
     xf = x_tr.float().div_(255)

@@ -160,7 +160,13 @@ class Abstraction(LearningRule):
                 loss = self.loss_fn(self.model(x), y)
                 keys = list(self._probe)
                 tensors = [t for k in keys for t in self._probe[k]]
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                # a region that starts at the first block has the model input as h_in, which needs no
+                # gradient: autograd.grad refuses such tensors, so ask only for those that have one
+                wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+                got = torch.autograd.grad(loss, [tensors[i] for i in wanted], allow_unused=True)
+                grads = [None] * len(tensors)
+                for i, g in zip(wanted, got):
+                    grads[i] = g
         finally:
             probe, self._probe = self._probe, None
             self.train(was_training)
