@@ -10,17 +10,14 @@ steps=${*:-mnist table1}
 for step in $steps; do
   case $step in
     mnist)  # Jaderberg et al.'s MNIST MLP check, every hidden layer decoupled: 6 rows x 3 seeds, 5 epochs
-      $PY run.py -m experiment=vfbn_mnist_dni $COMMON                                   # bp, sg_linear (cDNI), vfbn (eq. 8)
-      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=sg_linear method.context=false row=dni
-      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=vfbn 'method.hidden=[256]' row=vfbn_eq9
-      $PY run.py -m experiment=vfbn_mnist_dni $COMMON method=local_supervised
+      $PY run.py -m experiment=vfbn_mnist_dni $COMMON  # bp, sg_linear (cDNI), vfbn (eq. 8), local_supervised
+      $PY run.py -m experiment=vfbn_mnist_dni_nocontext $COMMON  # dni
+      $PY run.py -m experiment=vfbn_mnist_dni_eq9 $COMMON        # vfbn_eq9
       ;;
     table1)  # Table 1 on resnet14_vfbn / cifar10_jpeg, one epoch, one seed, seven rows (cheapest first)
-      for m in bp bottom_half_bp local_supervised vfbn sg_linear sg_resnet; do
-        $PY run.py experiment=vfbn_table1_cpu $COMMON method=$m
-        if [ $m = vfbn ]; then
-          $PY run.py experiment=vfbn_table1_cpu $COMMON method=vfbn method.alpha_gs=0 row=vfbn_a0
-        fi
+      for m in bp bottom_half_bp local_supervised vfbn a0 sg_linear sg_resnet; do
+        if [ $m = a0 ]; then $PY run.py experiment=vfbn_table1_a0_cpu $COMMON  # vfbn_a0
+        else $PY run.py experiment=vfbn_table1_cpu $COMMON method=$m; fi
       done
       ;;
     *) echo "unknown step $step (mnist | table1)" >&2; exit 2 ;;
