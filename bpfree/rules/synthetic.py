@@ -409,6 +409,13 @@ class LocalSupervised(SplitRule):
     def diagnostics(self, x, y):
         return super().diagnostics(x, y) if self.predict_from == "top" else {}
 
+    def param_counts(self):
+        out = super().param_counts()
+        if self.predict_from == "split":  # the scored network: the blocks up to the split and the head
+            lower = [p for n in self.segments[0] for p in self.model.blocks[n].parameters()]
+            out["effective"] = sum(p.numel() for p in lower) + out["synthesizers"]
+        return out
+
 
 @RULES.register("bottom_half_bp")
 class BottomHalfBP(LocalSupervised):
