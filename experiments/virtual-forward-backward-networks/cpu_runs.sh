@@ -14,7 +14,7 @@ for step in $steps; do
       $PY run.py -m experiment=vfbn_mnist_dni_nocontext $COMMON  # dni
       $PY run.py -m experiment=vfbn_mnist_dni_eq9 $COMMON        # vfbn_eq9
       ;;
-    table1)  # Table 1 on resnet14_vfbn / cifar10_jpeg, one epoch, one seed, seven rows (cheapest first)
+    table1)  # Table 1 on resnet14_vfbn / cifar10_jpeg, 200 steps, one seed, seven rows
       for m in bp bottom_half_bp local_supervised vfbn a0 sg_linear sg_resnet; do
         if [ $m = a0 ]; then $PY run.py experiment=vfbn_table1_a0_cpu $COMMON  # vfbn_a0
         else $PY run.py experiment=vfbn_table1_cpu $COMMON method=$m; fi
