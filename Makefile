@@ -34,11 +34,20 @@ tables: install ## rebuild results/tables/ from the committed records (no traini
 	$(PY) scripts/plot_feedback.py
 	$(PY) -m bpfree.figures_al --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
 
-bench: install ## step time of every method relative to backprop -> results/bench/
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+# a casual `make bench` writes the ignored runs/bench; BENCH_OUT=results/bench refreshes the committed rows
+BENCH_OUT ?= runs/bench
+bench: install ## step time of every method relative to backprop (cases: experiments/*/bench.yaml) -> $(BENCH_OUT)
+	$(PY) scripts/bench.py --out $(BENCH_OUT) $(BENCH_ARGS)
 
-lint: install ## byte-compile everything (syntax) and check the configs compose
+bench-parallel: install ## staged (depth-parallel) training vs BP-best and the BP pipeline, one run -> $(BENCH_OUT)
+	$(PY) scripts/bench_parallel.py --out $(BENCH_OUT) $(BENCH_PARALLEL_ARGS)
+
+verify-data: install ## check every dataset file under $(BPFREE_DATA) against its SHA256SUMS
+	$(PY) -m bpfree.data verify --root $(BPFREE_DATA)
+
+lint: install ## ruff (pyproject [tool.ruff]), byte-compile everything, check the configs compose
+	$(VENV)/bin/ruff check .
 	$(PY) -m compileall -q bpfree scripts run.py tests
 	$(PY) -m pytest -q tests/test_config.py
 
-.PHONY: help install run test test-slow tables bench lint
+.PHONY: help install run test test-slow tables bench bench-parallel verify-data lint

@@ -19,11 +19,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bpfree.build import build, validate
+from bpfree.build import build, pick_device, validate
 from bpfree.data import DatasetUnavailable
 from bpfree.loggers import build_logger
-from bpfree.records import (Identity, check_replaceable, config_fingerprint, identify, make_record, record_path,
-                            summarize, write_record)
+from bpfree.records import (Identity, check_replaceable, config_fingerprint, holds_a_run, identify, make_record,
+                            record_path, summarize, write_record)
 from bpfree.train import fit
 
 COMMITTED, ADHOC = "results", "runs"  # results/records (tables read it) vs runs/records (ignored)
@@ -40,9 +40,23 @@ def place(c: dict, ident: Identity) -> None:
                                   / c["paper"] / c["table"] / c["run_name"])
 
 
-def run(cfg: DictConfig, ident: Identity | None = None) -> dict:
+def record_unavailable(c: dict, path: Path, error: DatasetUnavailable) -> None:
+    """A sweep job whose data is missing leaves a record saying so (status 'unavailable'), so its table
+    cell reads the same wherever the table is rendered; it never replaces a record of a run that trained."""
+    if holds_a_run(path):
+        return
+    name = c["dataset"]["name"]
+    write_record(make_record(
+        c, note="", status="unavailable", device=pick_device("cpu"), params={},
+        message=f"dataset {name!r} was not available where this sweep ran (offline here: see README 'Datasets')",
+        metrics={"final": {}, "best": {}, "per_epoch": []},
+        timing={"train_seconds": 0.0, "samples_per_second": 0.0}), path)
+
+
+def run(cfg: DictConfig, ident: Identity | None = None, in_sweep: bool = False) -> dict:
     """Train one configuration and write its record; returns the record. `ident` is what the command
-    line said (main() derives it from Hydra); without it the run is ad hoc and keeps its given name."""
+    line said (main() derives it from Hydra); without it the run is ad hoc and keeps its given name.
+    In a sweep (`in_sweep`), missing data writes an 'unavailable' record before DatasetUnavailable rises."""
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     ident = ident or Identity()
     place(c, ident)
@@ -54,7 +68,12 @@ def run(cfg: DictConfig, ident: Identity | None = None) -> dict:
     elif not ident.official and ident.why_not:
         print(f"ad-hoc run ({'; '.join(ident.why_not[:3])}): record -> {path}")
     tr = c["trainer"]
-    b = build(c)
+    try:
+        b = build(c)
+    except DatasetUnavailable as e:
+        if in_sweep:
+            record_unavailable(c, path, e)
+        raise
     logger = build_logger(c["logger"]["name"], c, c["run_name"],
                           **{k: v for k, v in c["logger"].items() if k != "name"})
     started = time.time()
@@ -66,6 +85,7 @@ def run(cfg: DictConfig, ident: Identity | None = None) -> dict:
         probe_size=tr["probe_size"],
         max_steps_per_epoch=tr["max_steps_per_epoch"], augment=b.augment,
         on_epoch=lambda e: logger.log({k: v for k, v in e.items() if k != "epoch"}, e["epoch"]),
+        engine=b.engine,
     )
     metrics = summarize(result.per_epoch, b.task.metrics)
     if result.status == "ok":
@@ -110,7 +130,7 @@ def main(cfg: DictConfig) -> dict:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return {"status": run(cfg, _identity())["status"]}
+        return {"status": run(cfg, _identity(), in_sweep=multirun)["status"]}
     except DatasetUnavailable as e:
         # In a sweep, a missing dataset skips that job (its table cell says so); alone, it is an error.
         if multirun:

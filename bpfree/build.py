@@ -33,6 +33,7 @@ class Built:
     scheduler_interval: str
     augment: Callable | None
     device: torch.device
+    engine: object = None       # bpfree.parallel.Engine when trainer.parallel is set
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -82,4 +83,14 @@ def build(c: dict, data: Splits | None = None) -> Built:
     optimizer, scheduler, interval = make_optimizer(rule.parameters(), c["optim"]["name"], **optim_kw)
     aug = c["data"]["augment"]
     augment = AUGMENTS[aug](c["data"]) if aug is not None else None
-    return Built(data, task, rule, optimizer, scheduler, interval, augment, device)
+    engine = None
+    if tr["parallel"] is not None:
+        from bpfree.parallel import CannotStage, build_engine
+
+        if scheduler is not None:
+            raise CannotStage("trainer.parallel does not support optim.scheduler yet; use a constant lr")
+        n = min(tr["batch_size"], len(data.train))
+        sample = (data.train.x[:n].to(device), data.train.y[:n].to(device))
+        engine = build_engine(rule, optimizer, tr["parallel"], tr["stages"], sample)
+        optimizer = engine.optimizers  # the loop zeroes, checkpoints and resumes the stages' optimizers
+    return Built(data, task, rule, optimizer, scheduler, interval, augment, device, engine)

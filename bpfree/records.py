@@ -22,7 +22,9 @@ REQUIRED = {
     "method": str, "model": str, "dataset": str, "seed": int, "scale": str, "status": str,
     "config": dict, "metrics": dict, "timing": dict, "env": dict, "params": dict,
 }
-STATUSES = ("ok", "diverged")
+# unavailable: a sweep job whose dataset was not there; its record says so, so a table's empty cell reads
+# the same on every machine (it never looks at the renderer's filesystem)
+STATUSES = ("ok", "diverged", "unavailable")
 
 
 def record_path(records_dir, paper: str, table: str, name: str) -> Path:
@@ -213,6 +215,16 @@ class RecordConflict(ValueError):
     """A record for a different configuration is already at the path this run would write."""
 
 
+def holds_a_run(path: Path) -> bool:
+    """Whether the record at `path` is of a run that trained (ok or diverged): an 'unavailable' record
+    must never replace it (a sweep on a machine without the data would erase the results)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") in ("ok", "diverged")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def check_replaceable(path: Path, c: dict) -> None:
     """Refuse to overwrite a record of another configuration (before training, so no compute is lost).
     The same configuration with another budget (more epochs) may replace it: that is a longer run of the
@@ -222,10 +234,12 @@ def check_replaceable(path: Path, c: dict) -> None:
         return
     try:
         with open(path) as f:
-            old = json.load(f).get("config") or {}
+            held = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise RecordConflict(f"{path} exists but cannot be read ({e}); move it away before rerunning") from e
-    diff = config_differences(old, c)
+    if held.get("status") == "unavailable":
+        return  # a note that the data was missing holds no results: any run may take its place
+    diff = config_differences(held.get("config") or {}, c)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise RecordConflict(

@@ -45,15 +45,11 @@ def _fmt(mean, std=None, digits=4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def _why_empty(column: str, records_for_table: list[dict], data_root: str | None) -> str:
-    from bpfree.data.vision import VISION, is_available
-
-    from bpfree.data.text import TEXT, text_available
-
-    if column in VISION and data_root is not None and not is_available(column, data_root):
-        return f"no records: dataset {column} is not available offline here"
-    if column in TEXT and data_root is not None and not text_available(column, data_root):
-        return f"no records: dataset {column} is not available offline here"
+def _why_empty(unavailable: list[dict]) -> str:
+    """Why a cell without runs is empty, from the committed records alone (never from the filesystem of
+    the machine that renders the table): a sweep job that found no data left an 'unavailable' record."""
+    if unavailable:
+        return "no records: " + sorted({r.get("message") or "dataset not available" for r in unavailable})[0]
     return "no records (not run yet)"
 
 
@@ -75,13 +71,36 @@ def _not_run(spec: dict, row: str, col: str) -> str | None:
     return why.get(f"{row}/{col}") or why.get(row) or why.get(col)
 
 
-def build_table(paper: str, table: str, spec: dict, records: list[dict], data_root: str | None) -> pd.DataFrame:
+def _one_per_seed(records: list[dict]) -> tuple[list[dict], dict]:
+    """A cell averages over seeds, so it keeps one record per seed: the longest-trained, then the newest
+    (a record written under an older naming scheme beside a rerun of the same cell would otherwise count
+    twice). Returns the kept records and, per cell, how many were set aside."""
+    best: dict[tuple, dict] = {}
+    superseded: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in records:
+        key = (r["row"], r["column"], r["scale"], r["seed"])
+        rank = (r["status"] == "ok", len(r["metrics"]["per_epoch"]), r.get("created", ""))
+        if key in best:
+            superseded[key[:3]] += 1
+            old = best[key]
+            if rank <= (old["status"] == "ok", len(old["metrics"]["per_epoch"]), old.get("created", "")):
+                continue
+        best[key] = r
+    return list(best.values()), superseded
+
+
+def build_table(paper: str, table: str, spec: dict, records: list[dict]) -> pd.DataFrame:
     metrics, select = spec["metrics"], spec.get("select", "best")
     reported = spec.get("reported", {})
     labels = spec.get("labels", {})
     single = len(metrics) == 1
     cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     diverged: dict[tuple[str, str, str], int] = defaultdict(int)
+    unavailable: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "unavailable":
+            unavailable[(r["row"], r["column"])].append(r)
+    records, superseded = _one_per_seed([r for r in records if r["status"] != "unavailable"])
     for r in records:
         key = (r["row"], r["column"], r["scale"])
         if r["status"] == "ok":
@@ -100,6 +119,9 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                 notes = []
                 if diverged.get((row, col, scale)):
                     notes.append(f"{diverged[(row, col, scale)]} run(s) diverged (excluded)")
+                if superseded.get((row, col, scale)):
+                    notes.append(f"{superseded[(row, col, scale)]} shorter or older run(s) of the same seed "
+                                 "superseded")
                 ds_notes = {r.get("dataset_note") for r in runs if r.get("dataset_note")}
                 notes += sorted(ds_notes) + _budget(runs)
                 for metric in metrics:
@@ -114,7 +136,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict], data_ro
                         # a reason given in the spec (cell left out on purpose) beats the generic ones
                         why = _not_run(spec, row, col)
                         note = "" if notes else (f"no records: {why}" if why else
-                                                 _why_empty(spec.get("dataset", col), records, data_root))
+                                                 _why_empty(unavailable.get((row, col), [])))
                         ours = note or "; ".join(notes)
                     elif not vals:
                         ours = f"n/a ({metric} not recorded: " + "; ".join(
@@ -287,7 +309,7 @@ def _records_for(paper: str, table: str, spec: dict, by_table: dict) -> tuple[li
 
 
 def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_dir="results/tables",
-               data_root: str | None = None, plots: bool = True, specs_dir=DEFAULT_SPECS) -> list[Path]:
+               plots: bool = True, specs_dir=DEFAULT_SPECS) -> list[Path]:
     ref = load_specs(specs_dir, reference)
     records = [r for r in read_records(records_dir) if r["paper"] != "adhoc"]
     by_table: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -300,19 +322,22 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
     for paper, table in sorted(keys):
         spec = ref.get(paper, {}).get(table) or DEFAULT_SPEC
         recs, sources = _records_for(paper, table, spec, by_table)
-        df = build_table(paper, table, spec, recs, data_root)
+        df = build_table(paper, table, spec, recs)
         stem = out / f"{paper}__{table}"
         df.to_csv(stem.with_suffix(".csv.tmp"), index=False)
         os.replace(stem.with_suffix(".csv.tmp"), stem.with_suffix(".csv"))
-        n_runs = len(recs)
-        scales = sorted({r["scale"] for r in recs}) or ["none"]
+        ran = [r for r in recs if r["status"] != "unavailable"]
+        n_runs = len(ran)
+        missing = len(recs) - n_runs
+        scales = sorted({r["scale"] for r in ran}) or ["none"]
         header = [
             f"# {paper} / {table}",
             "",
             spec.get("title", ""),
             "",
             f"Generated by `make tables` from {n_runs} run record(s) under "
-            + ", ".join(f"{records_dir}/{paper}/{t}/" for t in sources) + "; "
+            + ", ".join(f"{records_dir}/{paper}/{t}/" for t in sources)
+            + (f" (and {missing} of sweep jobs whose data was not available)" if missing else "") + "; "
             f"scale(s): {', '.join(scales)}. Ours: mean ± sample std over seeds ({spec.get('select', 'best')} "
             "over epochs). Paper: the paper's reported figure (results/reference.yaml"
             + (f"; {spec['source']}" if spec.get("source") else "") + "), never our run. "
@@ -322,10 +347,10 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
         ]
         body = _markdown(df) if len(df) else "_no cells_"
         figure = ""
-        if plots and recs and _plot_curves(paper, table, spec, recs, stem.with_suffix(".png")):
+        if plots and ran and _plot_curves(paper, table, spec, ran, stem.with_suffix(".png")):
             figure = f"\n\n![learning curves]({stem.name}.png)\n"
         diag = stem.parent / f"{stem.name}__diagnostics.png"
-        if plots and recs and _plot_diagnostics(paper, table, spec, recs, diag):
+        if plots and ran and _plot_diagnostics(paper, table, spec, ran, diag):
             figure += f"\n![rule diagnostics]({diag.name})\n"
         _atomic_write(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
         written.append(stem.with_suffix(".md"))
@@ -338,11 +363,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reference", default=DEFAULT_REFERENCE)
     ap.add_argument("--specs", default=DEFAULT_SPECS, help="folder of <paper>/tables.yaml table specs")
     ap.add_argument("--out", default="results/tables")
-    ap.add_argument("--data-root", default=os.environ.get("BPFREE_DATA", "data"),
-                    help="where datasets live (to say 'unavailable offline' for empty cells)")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
-    for p in render_all(a.records, a.reference, a.out, a.data_root, plots=not a.no_plots, specs_dir=a.specs):
+    for p in render_all(a.records, a.reference, a.out, plots=not a.no_plots, specs_dir=a.specs):
         print(p)
 
 

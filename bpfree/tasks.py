@@ -128,8 +128,9 @@ class Translation(Task):
         return {"test_loss": loss, "test_acc": correct / tokens, "test_ppl": float(torch.tensor(loss).exp())}
 
     @torch.no_grad()
-    def translate(self, model, src: torch.Tensor) -> list[str]:
-        """src (N, S) ids -> detokenised hypotheses, decoded in length-sorted batches."""
+    def translate(self, rule, src: torch.Tensor) -> list[str]:
+        """src (N, S) ids -> detokenised hypotheses, decoded in length-sorted batches through the rule's
+        own inference (`rule.decode`), so a rule with its own inference path is scored on it."""
         from bpfree.data.text import PAD, UNK
 
         lens = (src != PAD).sum(1)
@@ -138,7 +139,7 @@ class Translation(Task):
         for idx in order.split(self.decode_batch_size):
             width = int(lens[idx].max())
             s = src[idx, :width]
-            out = model.beam(s, self.beam_size, int(width * self.a) + self.b, self.length_penalty)
+            out = rule.decode(s, self.beam_size, int(width * self.a) + self.b, self.length_penalty)
             # ids the tokenizer lacks (a model wider than a small corpus's vocabulary) read as UNK
             out = out.cpu().masked_fill(out.cpu() >= self.sp.get_piece_size(), UNK)
             texts = self.sp.decode([r[r != PAD].tolist() for r in out])
@@ -163,14 +164,14 @@ class Translation(Task):
         from bpfree.models import ablated
 
         model = rule.model
-        model.eval()
+        rule.eval()
         src = data.test.x[:, 0].to(next(model.parameters()).device)
-        hyps = self.translate(model, src)
+        hyps = self.translate(rule, src)
         out = {**self.score(hyps), "samples": [{"src": s, "hyp": h, "ref": r}
                                                for s, h, r in list(zip(self.src, hyps, self.ref))[:5]]}
         if self.ablate:
             with ablated(model, self.ablate):
-                ab = self.score(self.translate(model, src))
+                ab = self.score(self.translate(rule, src))
             out |= {f"{k}_ablated": v for k, v in ab.items()}
         return out
 

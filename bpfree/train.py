@@ -71,6 +71,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _staged_epoch(engine, batches_iter, max_steps):
+    """Adapt an engine epoch to the loop's (x, y) iteration: yields (None, (batch size, scalars))."""
+    sizes = []
+
+    def first_inputs():
+        for x, y in batches_iter:
+            sizes.append(len(y))
+            yield (x, None, y)
+
+    for n, scalars in zip(sizes, engine.run_epoch(first_inputs(), max_steps)):
+        yield None, (n, scalars)
+
+
 def fit(
     rule: LearningRule,
     task,
@@ -93,7 +106,10 @@ def fit(
     max_steps_per_epoch: int | None = None,
     augment: Callable | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    engine=None,
 ) -> FitResult:
+    """`engine` (bpfree.parallel.Engine, trainer.parallel): run each epoch's steps through a staged rule's
+    stages (the optimizer is then the engine's per-stage optimizers); otherwise rule.train_step per batch."""
     device = torch.device(device)
     train, test = data.train.to(device), data.test.to(device)
     val = data.val.to(device) if data.val is not None else None
@@ -123,7 +139,9 @@ def fit(
         history, train_seconds, samples = state["history"], state["train_seconds"], state["samples"]
         start_epoch = state["epoch"]
         best_value, best_epoch = state.get("best_value"), state.get("best_epoch", 0)
-        if best_epoch and best_ckpt is not None and best_ckpt.exists():
+        if best_epoch and best_epoch == start_epoch:  # the best weights are last.pt's own (no best.pt)
+            best_state = {k: t.detach().to("cpu", copy=True) for k, t in state["rule"].items()}
+        elif best_epoch and best_ckpt is not None and best_ckpt.exists():
             best_state = torch.load(best_ckpt, map_location="cpu", weights_only=False)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -140,14 +158,20 @@ def fit(
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
         bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        if engine is not None:
+            # the whole epoch runs through the stages first (a pipeline has no per-step join); its steps'
+            # scalars then pass through the same accounting and NaN checks
+            bar = _staged_epoch(engine, bar, max_steps_per_epoch)
         for step, (x, y) in enumerate(bar):
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
-            out = rule.train_step(x, y, optimizer)
+            out = y if engine is not None else rule.train_step(x, y, optimizer)  # staged: (n, scalars)
+            if engine is not None:
+                n_y, out = out
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            samples += len(y)
+            samples += n_y if engine is not None else len(y)
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
             if (step + 1) % check_every == 0:
@@ -170,6 +194,7 @@ def fit(
             return FitResult("diverged", history, train_seconds, samples, msg, start_epoch)
 
         rule.eval()
+        drop_best = False
         metrics = task.evaluate(rule.predict, test, eval_batch_size)
         if val is not None:
             metrics |= {"val_" + k.removeprefix("test_"): v
@@ -180,8 +205,13 @@ def fit(
             if best_value is None or (v < best_value if how == "min" else v > best_value):
                 best_value, best_epoch = v, epoch + 1
                 best_state = {k: t.detach().to("cpu", copy=True) for k, t in rule.state_dict().items()}
-                if best_ckpt is not None:
-                    _atomic_torch_save(best_state, best_ckpt)
+                # last.pt (below) holds these very weights: a best.pt beside it would be a second copy
+                # (a transformer's is hundreds of MB); it is written only once last.pt moves past the best,
+                # and an older one is removed only after last.pt holds the new best (a kill in between
+                # must not lose the best weights)
+                drop_best = best_ckpt is not None and best_ckpt.exists()
+            elif best_ckpt is not None and not best_ckpt.exists() and best_state is not None:
+                _atomic_torch_save(best_state, best_ckpt)
         diag = rule.diagnostics(probe_x, probe_y)
         entry = {"epoch": epoch + 1, **means, **metrics, **diag,
                  "epoch_train_seconds": time.perf_counter() - t0}
@@ -200,6 +230,8 @@ def fit(
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "fingerprint": fingerprint,
             }, ckpt)
+            if drop_best:
+                best_ckpt.unlink()
         if on_epoch is not None:
             on_epoch(entry)
     extras = {}

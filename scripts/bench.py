@@ -1,9 +1,16 @@
-"""make bench: training-step time of every registered method relative to backprop.
+"""make bench: training-step time of every method relative to backprop, on the configs the runs use.
 
-For each case (model + input shape + batch size) and each registered rule that supports the model,
-time `--steps` training steps interleaved with bp's steps on the same batch in this one process
-(bp, rule, bp, rule, ...), after warm-up; report the median step time, samples/s and
-step_time_ratio = rule median / bp median (1.0 = as fast as bp). Rows -> results/bench/<case>.json.
+Cases come from experiments/<paper>/bench.yaml: `{case, overrides: [Hydra overrides], batch_size, steps,
+methods: [...] | all}`. Each (case, method) is composed from conf/ exactly as `python run.py <overrides>
+method=<m>` would be (method_model files included) and built by bpfree.build, so no model is re-created by
+hand. Inputs are random tensors of the dataset's input shape (no data is loaded). For each method, `steps`
+training steps are interleaved with bp's on the same batch in this one process (bp, rule, bp, rule, ...),
+after warm-up; a row reports the median step time, samples/s and step_time_ratio = rule / bp (1.0 = as
+fast as bp). A method that refuses the model (UnsupportedModel, at construction or on its first step) is a
+`skipped: <reason>` row; an error in one case is reported and the others still run.
+
+    python scripts/bench.py [--cases ...] [--methods ...] [--threads 1] [--out runs/bench]
+Rows -> <out>/<case>.json (default runs/bench, ignored; BENCH_OUT=results/bench to refresh the committed).
 """
 from __future__ import annotations
 
@@ -14,60 +21,69 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+import traceback
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bpfree.models import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bpfree.build import build_rule_for, validate  # noqa: E402
 from bpfree.registry import RULES  # noqa: E402
-from bpfree.rules import UnsupportedModel, build_rule  # noqa: E402
+from bpfree.rules import UnsupportedModel  # noqa: E402
 from bpfree.tasks import Classification, smoothed_nll  # noqa: E402
+from bpfree.train import make_optimizer  # noqa: E402
 
 
-@dataclass
-class Case:
-    name: str
-    model: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    batch_size: int
-    model_kwargs: dict = field(default_factory=dict)
-    steps: int = 30
-    method_kwargs: dict = field(default_factory=dict)  # {method name: kwargs}, e.g. AL's fold of a conv net
-    task: str = "classification"  # translation: input_shape = (2, L) token ids, tokens/s reported
+def load_cases(root: Path = ROOT / "experiments") -> list[dict]:
+    cases = []
+    for f in sorted(root.glob("*/bench.yaml")):
+        for c in yaml.safe_load(f.read_text()) or []:
+            cases.append({"steps": 10, "methods": "all", "overrides": [], **c, "paper": f.parent.name})
+    names = [c["case"] for c in cases]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"bench case names repeat across experiments/*/bench.yaml: {sorted(dup)}")
+    return cases
 
 
-_AL_RESNET = {"al": {"components": [["stem"], ["s1b*"], ["s2b*"], ["s3b*"]], "bridge_pool": 4}}
-CASES = [
-    Case("mlp_mnist_b64", "mlp", (1, 28, 28), 10, 64),  # abstracted-gradients §4.1 setting
-    Case("cnn_cifar_b128", "cnn", (3, 32, 32), 10, 128, steps=10),  # associated-learning §5.2 vanilla CNN
-    Case("resnet20_cifar_b128", "resnet20", (3, 32, 32), 10, 128, steps=10),  # feedback rules on ResNet-20
-    # associated-learning §5.2 networks at the authors' batch size 32 (conf/model/*.yaml, method_model/al_*);
-    # AL's lower bridges pooled to 4x4 as in the CPU-scale runs (bridge_pool), the eq. 8 path unchanged
-    Case("al_mlp1024_mnist_b32", "mlp", (1, 28, 28), 10, 32,
-         dict(hidden=[1024, 1024, 5120, 1024, 1024], init="he_normal"), steps=10),
-    Case("al_cnn_cifar_b32", "cnn", (3, 32, 32), 10, 32, dict(downsample="stride", init="he_normal"), steps=10,
-         method_kwargs={"al": {"components": [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["c7", "c8"]],
-                               "bridge_pool": 4}}),
-    Case("al_vgg_cifar_b32", "vgg", (3, 32, 32), 10, 32, steps=5,
-         method_kwargs={"al": {"components": [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["f1", "f2"]],
-                               "bridge_pool": 4}}),
-    Case("al_resnet20fc_cifar_b32", "resnet20", (3, 32, 32), 10, 32, dict(fc=[1500, 300, 300, 300, 300]),
-         steps=5, method_kwargs=_AL_RESNET),
-    Case("al_resnet32fc_cifar_b32", "resnet32", (3, 32, 32), 10, 32, dict(fc=[1500, 300, 300, 300, 300]),
-         steps=5, method_kwargs=_AL_RESNET),
-    # abstracted-gradients §4.2-4.3: 6+6-layer transformer, batch 32, ~20-piece Multi30k sentences,
-    # M over E4-E6. Paper width (d_model 512) and the CPU-scale width (128) used for our CPU tables.
-    *(Case(f"transformer{d}_multi30k_b32", "transformer", (2, 20), 8000, 32, steps=10, task="translation",
-           model_kwargs={"d_model": d, "heads": h, "ff": 4 * d, "layers": 6},
-           method_kwargs={m: {"regions": [["E4", "E6"]]} for m in ("abstraction_identity", "abstraction_derived")})
-      for d, h in ((512, 8), (128, 4))),
-]
+def compose(overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _time_steps(rule, x, y, opt, device) -> float:
+def batch(c: dict, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Random inputs of the dataset's shape and the task's loss. Translation: (B, 2, L) ids (source;
+    BOS + target) with L = `dataset.bench_len` or 20 (a typical Multi30k sentence), (B, L) next pieces."""
+    ds = c["dataset"]
+    g = torch.Generator().manual_seed(0)
+    if ds.get("vocab_size"):
+        length = ds.get("bench_len", 20)
+        x = torch.randint(4, ds["num_classes"], (batch_size, 2, length), generator=g)
+        x[:, 1, 0] = 2
+        y = torch.randint(4, ds["num_classes"], (batch_size, length), generator=g)
+        smoothing = (ds.get("eval") or {}).get("label_smoothing", 0.0)
+        return x.to(device), y.to(device), (lambda out, t: smoothed_nll(out, t, smoothing))
+    x = torch.randn(batch_size, *ds["input_shape"], generator=g)
+    y = torch.randint(0, ds["num_classes"], (batch_size,), generator=g)
+    return x.to(device), y.to(device), Classification(ds["num_classes"]).loss
+
+
+def make(c: dict, loss, device):
+    validate(c)
+    rule = build_rule_for(c, c["dataset"]["input_shape"], c["dataset"]["num_classes"], loss, device)
+    opt, _, _ = make_optimizer(rule.parameters(), c["optim"]["name"],
+                               **{k: v for k, v in c["optim"].items() if k not in ("name", "scheduler")})
+    return rule, opt
+
+
+def _time(rule, x, y, opt, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -77,49 +93,36 @@ def _time_steps(rule, x, y, opt, device) -> float:
     return time.perf_counter() - t
 
 
-def bench_case(case: Case, device: torch.device, methods: list[str], steps: int) -> list[dict]:
+def bench_case(case: dict, device, methods: list[str] | None, steps: int | None) -> list[dict]:
+    over = [*case["overrides"], "trainer.device=" + device.type]
+    base = compose([*over, "method=bp"])
+    x, y, loss = batch(base, case["batch_size"], device)
     torch.manual_seed(0)
-    if case.task == "translation":  # token ids: (B, 2, L) source / BOS + target, (B, L) next pieces
-        x = torch.randint(4, case.num_classes, (case.batch_size, *case.input_shape), device=device)
-        x[:, 1, 0] = 2
-        y = torch.randint(4, case.num_classes, (case.batch_size, case.input_shape[1]), device=device)
-        loss = lambda out, t: smoothed_nll(out, t, 0.1)  # noqa: E731
-    else:
-        x = torch.randn(case.batch_size, *case.input_shape, device=device)
-        y = torch.randint(0, case.num_classes, (case.batch_size,), device=device)
-        loss = Classification(case.num_classes).loss
-
-    def make(name):
-        model = build_model(case.model, case.input_shape, case.num_classes, **case.model_kwargs)
-        rule = build_rule(name, model, loss, **case.method_kwargs.get(name, {})).to(device)
-        return rule, torch.optim.Adam(rule.parameters(), lr=1e-4)
-
-    bp, bp_opt = make("bp")
+    bp, bp_opt = make(base, loss, device)
+    wanted = methods or (RULES.names() if case["methods"] == "all" else case["methods"])
+    steps = steps or case["steps"]
     rows = []
-    for name in methods:
+    for name in wanted:
+        row = {"case": case["case"], "method": name, "model": base["model"]["name"], "batch_size": case["batch_size"]}
         try:
-            rule, opt = make(name)
-        except (UnsupportedModel, ValueError) as e:  # ValueError: e.g. its default regions name other layers
-            print(f"  {name:28s} skipped: {str(e).splitlines()[0]}")
-            continue
-        try:
-            for _ in range(5):  # warm-up (allocator, lazy init, derived matrices)
+            torch.manual_seed(0)
+            rule, opt = make(compose([*over, f"method={name}"]), loss, device)
+            for _ in range(3):  # warm-up (allocator, lazy init, derived matrices); a refusal shows here too
                 bp.train_step(x, y, bp_opt)
                 rule.train_step(x, y, opt)
-        except ValueError as e:  # a configuration this model cannot take, e.g. M = I across unequal widths
-            print(f"  {name:28s} skipped: {str(e).splitlines()[0]}")
+        except UnsupportedModel as e:
+            row["skipped"] = str(e).splitlines()[0]
+            rows.append(row)
+            print(f"  {name:28s} skipped: {row['skipped']}")
             continue
         t_bp, t_rule = [], []
         for _ in range(steps):
-            t_bp.append(_time_steps(bp, x, y, bp_opt, device))
-            t_rule.append(_time_steps(rule, x, y, opt, device))
+            t_bp.append(_time(bp, x, y, bp_opt, device))
+            t_rule.append(_time(rule, x, y, opt, device))
         m_bp, m_rule = statistics.median(t_bp), statistics.median(t_rule)
-        row = {
-            "case": case.name, "method": name, "model": case.model, "batch_size": case.batch_size,
-            "step_ms": 1000 * m_rule, "bp_step_ms": 1000 * m_bp, "samples_per_second": case.batch_size / m_rule,
-            "step_time_ratio": m_rule / m_bp, "steps": steps,
-        }
-        if case.task == "translation":
+        row |= {"step_ms": 1000 * m_rule, "bp_step_ms": 1000 * m_bp, "samples_per_second": case["batch_size"] / m_rule,
+                "step_time_ratio": m_rule / m_bp, "steps": steps}
+        if y.dim() == 2:
             row["target_tokens_per_second"] = y.numel() / m_rule
         extra = getattr(rule, "bench_extras", None)  # e.g. per-component step times (associated learning)
         if callable(extra):
@@ -131,34 +134,46 @@ def bench_case(case: Case, device: torch.device, methods: list[str], steps: int)
     return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default: per case)")
-    ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
-    ap.add_argument("--cases", nargs="*", default=None, help=f"default: all of {[c.name for c in CASES]}")
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--methods", nargs="*", default=None, help="default: the case's list (all = every registered)")
+    ap.add_argument("--cases", nargs="*", default=None, help="default: every case of experiments/*/bench.yaml")
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "runs/bench"))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (1 gives stable ratios on a shared CPU)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    methods = a.methods or RULES.names()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}
+    cases = load_cases()
+    unknown = set(a.cases or []) - {c["case"] for c in cases}
+    if unknown:
+        raise SystemExit(f"unknown bench case(s) {sorted(unknown)}; cases: {[c['case'] for c in cases]}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    for case in CASES:
-        if a.cases and case.name not in a.cases:
+    failed = []
+    for case in cases:
+        if a.cases and case["case"] not in a.cases:
             continue
-        print(f"{case.name}: {case.model}, input {case.input_shape}, batch {case.batch_size}, {env['device']}")
-        rows = bench_case(case, device, methods, a.steps or case.steps)
-        path = Path(a.out) / f"{case.name}.json"
+        print(f"{case['case']} ({case['paper']}): {' '.join(case['overrides'])}, batch {case['batch_size']}, {env['device']}")
+        try:
+            rows = bench_case(case, device, a.methods, a.steps)
+        except Exception:  # noqa: BLE001 - one broken case must not lose the others' rows
+            failed.append(case["case"])
+            traceback.print_exc()
+            continue
+        path = Path(a.out) / f"{case['case']}.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"env": env, "overrides": case["overrides"], "rows": rows}, indent=1) + "\n")
         os.replace(tmp, path)
         print(f"  -> {path}")
+    if failed:
+        print(f"bench: {len(failed)} case(s) failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bpfree.models import build_model
-from bpfree.rules import build_rule
+from bpfree.rules import UnsupportedModel, build_rule
 from bpfree.rules.abstraction import Abstraction, derived_map
 
 
@@ -124,7 +124,7 @@ def test_shape_errors_are_clear():
         build_rule("abstraction_derived", model, nn.functional.nll_loss, regions=[["l4", "l2"]])
     rule = build_rule("abstraction_identity", model, nn.functional.nll_loss, regions=[["l2", "l4"]])
     opt = torch.optim.Adam(rule.parameters())
-    with pytest.raises(ValueError, match="equal widths.*392.*49.*abstraction_block_identity"):
+    with pytest.raises(UnsupportedModel, match="equal widths.*392.*49.*abstraction_block_identity"):
         rule.train_step(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), opt)
 
 

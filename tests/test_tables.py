@@ -64,7 +64,7 @@ def layout(tmp_path):
 
 def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
     recs, ref = layout
-    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    (md,) = _render(recs, ref, tmp_path / "out", plots=False)
     text = md.read_text()
     # mean 0.97, sample std 0.01, n=3, beside the paper's 0.9763 and the difference
     assert "| baseline | mnist | test_acc | cpu | 0.9700 ± 0.0100 | 3 | 0.9763 ± 0.0020 | -0.0063 |" in text
@@ -73,9 +73,15 @@ def test_cells_are_mean_std_of_records_beside_the_paper(layout, tmp_path):
     assert "0.9700 ± 0.0100" in csv
 
 
-def test_empty_cells_say_why_and_are_never_filled_from_the_paper(layout, tmp_path, real_root):
+def test_empty_cells_say_why_and_are_never_filled_from_the_paper(layout, tmp_path):
+    """Why a cell is empty comes from the committed records (a skipped sweep job's 'unavailable' record),
+    never from the filesystem of the machine that renders the table."""
     recs, ref = layout
-    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(real_root), plots=False)
+    gone = _rec(0, 0.0, status="unavailable", column="emnist")
+    gone["message"] = "dataset 'emnist' was not available where this sweep ran (not available offline)"
+    gone["metrics"] = {"final": {}, "best": {}, "per_epoch": []}
+    write_record(gone, recs / "p" / "t1" / "emnist.json")
+    (md,) = _render(recs, ref, tmp_path / "out", plots=False)
     lines = md.read_text().splitlines()
     emnist = next(line for line in lines if "| baseline | emnist |" in line)
     assert "not available offline" in emnist and "0.9022" in emnist  # paper shown in the paper column only
@@ -98,7 +104,7 @@ def test_records_round_trip_and_invalid_records_are_rejected(tmp_path):
 
 def test_committed_records_are_valid_and_tables_render(tmp_path):
     """The committed results/ render without training (what `make tables` does)."""
-    written = render_all("results/records", "results/reference.yaml", tmp_path, data_root=None, plots=False)
+    written = render_all("results/records", "results/reference.yaml", tmp_path, plots=False)
     assert any(p.name == "abstracted-gradients__table1.md" for p in written)
 
 
@@ -121,7 +127,7 @@ def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
         "t2": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["multi30k"]},
         "t4": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["n6", "n3"],
                "borrow": [{"table": "t2", "columns": {"multi30k": "n6"}}]}}})
-    out = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path), plots=False)
+    out = _render(recs, ref, tmp_path / "out", plots=False)
     t4 = next(p for p in out if p.name == "p__t4.md").read_text()
     assert "| bp | n6 | test_acc | cpu | 0.3000 | 1 |" in t4 and "| bp | n3 | test_acc | cpu | 0.2000 | 1 |" in t4
     assert "2 run record(s) under" in t4 and "/p/t2/" in t4
@@ -135,7 +141,7 @@ def test_cells_left_out_on_purpose_say_why(layout, tmp_path):
     spec = yaml.safe_load(specs.read_text())
     spec["t1"]["not_run"] = {"fa/emnist": "paper has no such cell", "fa": "needs a GPU"}
     specs.write_text(yaml.safe_dump(spec))
-    (md,) = _render(recs, ref, tmp_path / "out", data_root=str(tmp_path / "no-data"), plots=False)
+    (md,) = _render(recs, ref, tmp_path / "out", plots=False)
     cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[5].strip()
              for line in md.read_text().splitlines() if line.startswith("| ")}
     assert cells[("fa", "emnist")] == "no records: paper has no such cell"  # row/column beats row
@@ -156,3 +162,13 @@ def test_reference_file_holds_only_the_papers_numbers(tmp_path):
     ref.write_text(yaml.safe_dump({"p": {"t9": {"reported": {}}}}))
     with pytest.raises(ValueError, match="p/t9.*add its spec"):
         load_specs(tmp_path / "specs", ref)
+
+
+def test_a_cell_keeps_one_record_per_seed_the_longest_trained(layout, tmp_path):
+    recs, ref = layout
+    again = _rec(0, 0.99)  # seed 0 again, trained longer (3 epochs): replaces the 2-epoch seed-0 run
+    again["metrics"]["per_epoch"].append({"epoch": 3, "test_acc": 0.99})
+    write_record(again, recs / "p" / "t1" / "s0-renamed.json")
+    (md,) = _render(recs, ref, tmp_path / "out", plots=False)
+    line = next(x for x in md.read_text().splitlines() if "| baseline | mnist |" in x)
+    assert "| 0.9800 ± 0.0100 | 3 |" in line and "1 shorter or older run(s) of the same seed superseded" in line

@@ -10,7 +10,6 @@ import torch
 
 from bpfree import mt_metrics as mt
 from bpfree.data import DatasetUnavailable, load_dataset, length_batches
-from bpfree.data.batching import TensorData
 from bpfree.data.text import BOS, EOS, PAD
 from bpfree.models import ablated, build_model
 from bpfree.rules import build_rule
@@ -282,7 +281,7 @@ def test_identity_abstraction_passes_G_i_unchanged_on_a_transformer_region():
     m = tiny(layers=3)
     task = Translation.__new__(Translation)
     task.ls = 0.1
-    rule = build_rule("abstraction_identity", m, task.loss, regions=[["E2", "E3"]])
+    build_rule("abstraction_identity", m, task.loss, regions=[["E2", "E3"]])
     x = random_pairs()
     y = torch.cat([x[:, 1, 1:], torch.full((len(x), 1), EOS)], 1)
     grabbed = {}
@@ -336,7 +335,9 @@ def test_tiny_transformer_overfits_32_pairs(tmp_path):
             loss.backward()
             opt.step()
     m.eval()
-    hyps = task.translate(m, train.x[:, 0])
+    from bpfree.rules import build_rule
+
+    hyps = task.translate(build_rule("bp", m, task.loss), train.x[:, 0])  # decoded through rule.decode
     refs = task.sp.decode([r[(r != PAD) & (r != EOS)].tolist() for r in train.y])
     assert mt.sacrebleu_score(hyps, refs) > 0.95
     assert mt.bleu(hyps, refs) > 0.95

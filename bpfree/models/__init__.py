@@ -18,7 +18,11 @@ from bpfree.registry import MODELS
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
-    return MODELS.get(name)(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    """`kwargs` override conf/model/<name>.yaml, which holds every default (bpfree/defaults.py)."""
+    from bpfree.defaults import yaml_defaults
+
+    ctor = MODELS.get(name)
+    return ctor(input_shape=tuple(input_shape), num_classes=num_classes, **{**yaml_defaults("model", name), **kwargs})
 
 
 def blocks(model: nn.Module) -> nn.ModuleDict:

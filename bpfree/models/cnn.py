@@ -21,9 +21,8 @@ class CNN(nn.Module):
     CIFAR10/models.py: the 4th and 8th conv use strides=2). Same parameters either way.
     """
 
-    def __init__(self, input_shape, num_classes: int, channels=(32, 32, 32, 32, 64, 64, 64, 64),
-                 fc=(1280, 256, 256, 256, 256), pool_after=(4, 8), activation: str = "relu",
-                 downsample: str = "maxpool", init: str = "default"):
+    def __init__(self, input_shape, num_classes: int, *, channels, fc, pool_after, activation: str,
+                 downsample: str, init: str):
         super().__init__()
         if downsample not in ("maxpool", "stride"):
             raise ValueError(f"unknown cnn downsample {downsample!r}; valid: maxpool, stride")

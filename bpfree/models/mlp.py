@@ -1,4 +1,4 @@
-"""Fully connected network; default widths are the seed MLP of abstracted-gradients §4.1."""
+"""Fully connected networks (conf/model/mlp.yaml holds the seed MLP of abstracted-gradients §4.1)."""
 from __future__ import annotations
 
 import math
@@ -18,8 +18,7 @@ class MLP(nn.Module):
     Block l_k is Linear + activation; the last block is Linear + LogSoftmax (the paper's NLL setup).
     """
 
-    def __init__(self, input_shape, num_classes: int, hidden=(392, 196, 98, 49), activation: str = "relu",
-                 init: str = "default"):
+    def __init__(self, input_shape, num_classes: int, *, hidden, activation: str, init: str):
         super().__init__()
         self.input_shape = tuple(input_shape)
         if activation not in ACTIVATIONS:
@@ -40,8 +39,8 @@ class MLP(nn.Module):
 
 
 @MODELS.register("mlp_depth")
-def mlp_depth(input_shape, num_classes: int, depth: int = 2, width: int = 256, activation: str = "relu") -> MLP:
+def mlp_depth(input_shape, num_classes: int, *, depth: int, width: int, activation: str, init: str) -> MLP:
     """`depth` hidden layers of `width` units: the accuracy-vs-depth sweeps (model.depth=1..6)."""
     if depth < 1:
         raise ValueError(f"mlp_depth needs depth >= 1 hidden layers, got {depth}")
-    return MLP(input_shape, num_classes, hidden=[width] * depth, activation=activation)
+    return MLP(input_shape, num_classes, hidden=[width] * depth, activation=activation, init=init)

@@ -54,8 +54,8 @@ class ResNet(nn.Module):
     that its BP baseline has the parameters of the AL fold (§5.1; their CIFAR10/models.py ResNet).
     """
 
-    def __init__(self, input_shape, num_classes: int, depth: int = 20, width: int = 16, fc=(),
-                 activation: str = "relu", init: str = "default"):
+    def __init__(self, input_shape, num_classes: int, *, depth: int, width: int, fc, activation: str,
+                 init: str):
         super().__init__()
         act = ACTIVATIONS[activation]
         self.input_shape = tuple(input_shape)

@@ -24,10 +24,7 @@ class VGG(nn.Module):
     """x (B, C, H, W) -> c1..cK (conv3x3 'same' [+BN] + act [+ 2x2 max-pool where cfg has 'M' next])
     -> f1..fM (flatten on entry, Linear + act) -> out (Linear + LogSoftmax)."""
 
-    def __init__(self, input_shape, num_classes: int,
-                 cfg=(128, 256, "M", 256, 512, "M", 512, "M", 512, "M"),
-                 fc=(1024, 1024, 1500, 300, 300, 300, 300), activation: str = "relu",
-                 batchnorm: bool = True, init: str = "he_normal"):
+    def __init__(self, input_shape, num_classes: int, *, cfg, fc, activation: str, batchnorm: bool, init: str):
         super().__init__()
         act = ACTIVATIONS[activation]
         self.input_shape = tuple(input_shape)

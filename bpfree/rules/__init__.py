@@ -10,7 +10,11 @@ from bpfree.rules.base import LearningRule, UnsupportedModel
 
 
 def build_rule(name: str, model, loss_fn, **kwargs) -> LearningRule:
-    return RULES.get(name)(model, loss_fn, **kwargs)
+    """`kwargs` override conf/method/<name>.yaml, which holds every default (bpfree/defaults.py)."""
+    from bpfree.defaults import yaml_defaults
+
+    ctor = RULES.get(name)
+    return ctor(model, loss_fn, **{**yaml_defaults("method", name), **kwargs})
 
 
 for _m in pkgutil.iter_modules(__path__):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bpfree.models import blocks, span
 from bpfree.registry import RULES
-from bpfree.rules.base import LearningRule
+from bpfree.rules.base import LearningRule, UnsupportedModel
 
 MODES = ("identity", "block_identity", "derived")
 
@@ -66,8 +66,8 @@ def map_gradient(mode: str, g_out: torch.Tensor, h_in: torch.Tensor, h_out: torc
     """G_j from G_i for one region. g_out, h_out (..., d_out); h_in (..., d_in) -> (..., d_in)."""
     d_in, d_out = h_in.shape[-1], h_out.shape[-1]
     if mode == "identity":
-        if h_in.shape != h_out.shape:
-            raise ValueError(
+        if h_in.shape != h_out.shape:  # known only once a batch flows: refused on the first step
+            raise UnsupportedModel(
                 f"abstraction_identity needs equal widths at region {where}: its input is "
                 f"{tuple(h_in.shape)} but its output {tuple(h_out.shape)}; use method=abstraction_block_identity "
                 "or method=abstraction_derived, or choose a region with equal widths")
@@ -97,7 +97,7 @@ class _Skip(torch.autograd.Function):
 class Abstraction(LearningRule):
     """Keeps the default train step; the skip is wired into the model's blocks with hooks."""
 
-    def __init__(self, model, loss_fn, mode: str, regions=(("l2", "l4"),)):
+    def __init__(self, model, loss_fn, mode: str, *, regions):
         super().__init__(model, loss_fn)
         if mode not in MODES:
             raise ValueError(f"unknown abstraction mode {mode!r}; valid: {MODES}")
@@ -190,15 +190,15 @@ class Abstraction(LearningRule):
 
 
 @RULES.register("abstraction_identity")
-def abstraction_identity(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "identity", regions)
+def abstraction_identity(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "identity", regions=regions)
 
 
 @RULES.register("abstraction_block_identity")
-def abstraction_block_identity(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "block_identity", regions)
+def abstraction_block_identity(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "block_identity", regions=regions)
 
 
 @RULES.register("abstraction_derived")
-def abstraction_derived(model, loss_fn, regions=(("l2", "l4"),)):
-    return Abstraction(model, loss_fn, "derived", regions)
+def abstraction_derived(model, loss_fn, *, regions):
+    return Abstraction(model, loss_fn, "derived", regions=regions)

@@ -231,6 +231,56 @@ class AssociatedLearning(LearningRule):
     def _targets(self, y):
         return F.one_hot(y, self.num_classes).float()  # t_0: (B, classes)
 
+    # ---- stages (bpfree/parallel.py): components grouped into k pipeline stages ---------------
+    def stage_defs(self, k: int, sample: tuple | None = None, concurrent: bool = False,
+                   groups: list[list[int]] | None = None) -> list:
+        """k stages of consecutive components, balanced by each component's measured update time on
+        `sample` = (x, y) (parameter counts without one). Stage inputs/outputs: (s, t, y), detached. Run in
+        order (not `concurrent`), the last stage also reports the batch's eq. 8 training accuracy as
+        train_step does; run concurrently it cannot: eq. 8 decodes through every component's h_i, which
+        the other stages are updating at that moment, so the figure would depend on thread timing.
+        `groups` (0-based component indices per stage, StageDef.parts of another process) skips balancing."""
+        from bpfree.parallel import StageDef, balance
+
+        L = len(self.fold)
+        if groups is None:
+            if sample is not None:
+                costs = self.component_step_times(*sample, torch.optim.SGD(self.parameters(), lr=0.0), repeats=3)
+            else:
+                costs = [float(_count(self.component_parameters(i))) for i in range(1, L + 1)]
+            groups = balance(costs, k)
+
+        def make(comps: list[int]):
+            last = {}  # this stage's latest top-bridge output, for after_step (one batch at a time)
+
+            def forward_backward(inputs):
+                s, t, y = inputs
+                first = comps[0] == 1
+                if first:
+                    s, t = self._entry(s), self._targets(y)
+                total, out = 0.0, {}
+                for i in comps:
+                    assoc, ae, s, t, s_bridged = self.local_objective(i, s, t)
+                    total = total + assoc + ae
+                    out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
+                total.backward()
+                out["loss"] = total.detach()  # this stage's share; the engine sums the stages' shares
+                last["s_bridged"], last["y"] = s_bridged.detach(), y
+                return (s.detach(), t.detach(), y), out
+
+            @torch.no_grad()
+            def accuracy():  # eq. 8 on this batch with the just-updated decoders, as train_step
+                return {"acc": (self._decode(last["s_bridged"]).argmax(1) == last["y"]).float().mean()}
+
+            return forward_backward, (accuracy if comps[-1] == L and not concurrent else None)
+
+        stages = []
+        for g in groups:
+            fb, after = make([i + 1 for i in g])
+            stages.append(StageDef([p for i in g for p in self.component_parameters(i + 1)], fb,
+                                   f"components {g[0] + 1}-{g[-1] + 1}", after, list(g)))
+        return stages
+
     # ---- LearningRule interface ---------------------------------------------------------------
     def train_step(self, x, y, optimizer):
         optimizer.zero_grad(set_to_none=True)

@@ -33,17 +33,33 @@ class LearningRule(nn.Module):
         self.loss_fn = loss_fn
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-        """One update on a mini-batch. Returns detached scalars; 'loss' (the task loss) is required
-        and is what the loop checks for NaN/inf. Default: ordinary autograd."""
+        """One update on a mini-batch: zero_grad -> compute_grads -> optimizer.step -> after_step.
+        Returns detached scalars; 'loss' is required, is the TASK loss (what the loop reports as
+        train_loss and checks for NaN/inf), and a rule's local objectives get keys of their own. A rule
+        overrides the part that differs (usually compute_grads), rarely the whole sequence."""
         optimizer.zero_grad(set_to_none=True)
+        out = self.compute_grads(x, y)
+        optimizer.step()
+        self.after_step()
+        return out
+
+    def compute_grads(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fill each parameter's .grad for this batch; default: ordinary autograd of the task loss."""
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
-        optimizer.step()
         return {"loss": loss.detach()}
+
+    def after_step(self) -> None:
+        """Work after the optimizer step (e.g. a weight decay on feedback matrices); default: none."""
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""
         return self.model(x)
+
+    def decode(self, src: torch.Tensor, beam_size: int, max_len: int, length_penalty: float) -> torch.Tensor:
+        """Sequence inference for translation: src (B, S) ids -> (B, T) hypothesis ids (beam search of
+        the model). A rule whose inference differs from its model's overrides this, as it does predict."""
+        return self.model.beam(src, beam_size, max_len, length_penalty)
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Per-epoch measurements on a fixed held-out batch (e.g. alignment with the true gradient).

@@ -1,0 +1,304 @@
+"""make bench-parallel: wall-clock gain of depth-parallel (staged) training, measured in one run.
+
+On the same cores, model, batch and data (real MNIST batches), for `--steps` training steps each:
+- bp_best:     backprop, one process, with 1 and with 2 intra-op threads (the faster is the anchor);
+- bp_pipeline: backprop as ordinary pipeline parallelism over 2 processes (torch.distributed.pipelining
+               ScheduleGPipe, gloo, the batch split into `--microbatches`), one thread each;
+- sequential:  the decoupled rule's stages run in order, one thread (bpfree.parallel, backend sequential);
+- staged:      the same stages, one thread per stage in one process (backend threads), and one process per
+               stage over gloo (torch.distributed isend/recv of each batch's detached messages; this
+               script's own loop: the trainer's processes backend does not exist yet).
+Each row: mode, backend, method, model, samples_per_s, ratio_to_bp_best, ratio_to_bp_pipeline,
+fraction_of_ideal (staged / ideal, ideal = sequential throughput x sum of stage times / slowest stage),
+bubble (1 - busy time / (stages x wall)), peak RSS, and test_acc after those steps (bp_pipeline: not
+evaluated; it computes bp's update with gradients accumulated over micro-batches).
+
+    python scripts/bench_parallel.py [--case al_mlp1024] [--steps 200] [--out runs/bench]
+Rows -> <out>/parallel_<case>.json (BENCH_OUT=results/bench to refresh the committed ones).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bpfree.build import build  # noqa: E402
+from bpfree.data import batches, load_dataset  # noqa: E402
+from scripts.bench import compose  # noqa: E402
+
+# case -> (the rule's overrides, batch size); the model is the rule's own (AL's §5.2 MNIST MLP)
+CASES = {
+    "al_mlp1024": (["method=al", "model=mlp1024", "dataset=mnist", "optim.lr=1e-3"], 64),
+    "al_mlp256": (["method=al", "model=mlp1024", "model.hidden=[256,256,1280,256,256]", "dataset=mnist",
+                   "optim.lr=1e-3"], 64),
+}
+
+
+def _cfg(overrides, batch_size, threads, parallel=None, stages=2):
+    over = [*overrides, f"trainer.batch_size={batch_size}", f"trainer.num_threads={threads}", "trainer.device=cpu"]
+    if parallel:
+        over += [f"trainer.parallel={parallel}", f"trainer.stages={stages}"]
+    return compose(over)
+
+
+@torch.no_grad()
+def _test_acc(rule, data) -> float:
+    rule.eval()
+    correct = sum(int((rule.predict(x).argmax(1) == y).sum()) for x, y in batches(data.test, 1000, shuffle=False))
+    rule.train()
+    return correct / len(data.test)
+
+
+def _train(c, data, steps: int) -> dict:
+    b = build(c, data=data)
+    it = batches(b.data.train, c["trainer"]["batch_size"], shuffle=True, seed=0, epoch=0)
+    chosen = [next(it) for _ in range(steps)]
+    if b.engine is not None:
+        t0 = time.perf_counter()
+        b.engine.run_epoch(((x, None, y) for x, y in chosen))
+        wall = time.perf_counter() - t0
+        busy = list(b.engine.busy)
+    else:
+        t0 = time.perf_counter()
+        for x, y in chosen:
+            b.rule.train_step(x, y, b.optimizer)
+        wall = time.perf_counter() - t0
+        busy = [wall]
+    n = sum(len(y) for _, y in chosen)
+    return {"samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy, "test_acc": _test_acc(b.rule, b.data)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pipeline_worker(rank, port, overrides, batch_size, steps, microbatches, out_path):
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    c = _cfg([o.replace("method=al", "method=bp") for o in overrides], batch_size, 1)
+    data = load_dataset("mnist", root=c["data"]["root"], cache_dir=c["data"]["cache_dir"])
+    b = build(c, data=data)
+    model = b.rule.model
+    names = list(model.blocks)
+    # split where the parameter counts balance (the MLP's blocks differ widely in width)
+    sizes = [sum(p.numel() for p in model.blocks[n].parameters()) for n in names]
+    cut = min(range(1, len(names)), key=lambda i: abs(sum(sizes[:i]) - sum(sizes[i:])))
+    mine = names[:cut] if rank == 0 else names[cut:]
+
+    class Part(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(model.blocks[n] for n in mine)
+
+        def forward(self, z):
+            z = z.flatten(1) if rank == 0 else z
+            for blk in self.blocks:
+                z = blk(z)
+            return z
+
+    part = Part()
+    # static micro-batch shapes: the stage's own shape inference hangs over gloo on CPU (torch 2.14)
+    mb_x = data.train.x[: batch_size // microbatches]
+    with torch.no_grad():
+        full = model.blocks
+        z = mb_x.flatten(1)
+        for n in names[:cut]:
+            z = full[n](z)
+        mid = z
+        for n in names[cut:]:
+            z = full[n](z)
+    ins, outs = ((mb_x,), (mid,)) if rank == 0 else ((mid,), (z,))
+    stage = PipelineStage(part, rank, 2, torch.device("cpu"), input_args=ins, output_args=outs)
+    sched = ScheduleGPipe(stage, microbatches, loss_fn=b.task.loss if rank == 1 else None)
+    opt = torch.optim.Adam(part.parameters(), lr=c["optim"]["lr"], fused=True)
+    it = batches(data.train, batch_size, shuffle=True, seed=0, epoch=0)
+    chosen = [next(it) for _ in range(steps)]
+    dist.barrier()
+    t0 = time.perf_counter()
+    for x, y in chosen:
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            sched.step(x)
+        else:
+            sched.step(target=y)
+        opt.step()
+    dist.barrier()
+    wall = time.perf_counter() - t0
+    if rank == 0:
+        n = sum(len(y) for _, y in chosen)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(out_path).write_text(json.dumps({"samples_per_s": n / wall, "wall_s": wall, "peak_rss_mb": peak}))
+    dist.destroy_process_group()
+
+
+def _staged_worker(rank, port, overrides, batch_size, steps, groups, out_path):
+    """One stage of the rule per process (gloo, one thread each): rank 0 runs stage 1 and sends each batch's
+    detached (s, t, y) to rank 1 with isend, overlapping the next batch's compute; rank 1 receives and runs
+    stage 2. Same seed, same batches, same partition (`groups`) as the threads row. At the end rank 1 sends
+    its stage's weights to rank 0, which scores the whole rule on the test set."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    c = _cfg(overrides, batch_size, 1)
+    data = load_dataset("mnist", root=c["data"]["root"], cache_dir=c["data"]["cache_dir"])
+    b = build(c, data=data)
+    stages = b.rule.stage_defs(2, None, concurrent=True, groups=groups)
+    stage = stages[rank]
+    opt = type(b.optimizer)(stage.params, **b.optimizer.defaults)
+    it = batches(data.train, batch_size, shuffle=True, seed=0, epoch=0)
+    chosen = [next(it) for _ in range(steps)]
+    # message shapes, from one batch through stage 1 (its gradients are dropped below; no step is taken)
+    (s0, t0, _), _ = stage.forward_backward((chosen[0][0], None, chosen[0][1])) if rank == 0 else ((None,) * 3, {})
+    shapes = [list(s0.shape), list(t0.shape)] if rank == 0 else [None, None]
+    dist.broadcast_object_list(shapes, src=0)
+    opt.zero_grad(set_to_none=True)
+    busy, pending = 0.0, []
+    dist.barrier()
+    t_start = time.perf_counter()
+    for x, y in chosen:
+        if rank == 0:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            (s, t, _), _ = stage.forward_backward((x, None, y))
+            opt.step()
+            busy += time.perf_counter() - t0
+            for w in pending:
+                w.wait()
+            pending = [dist.isend(s.contiguous(), 1), dist.isend(t.contiguous(), 1), dist.isend(y, 1)]
+        else:
+            s, t, yy = torch.empty(shapes[0]), torch.empty(shapes[1]), torch.empty(len(y), dtype=torch.long)
+            for buf in (s, t, yy):
+                dist.recv(buf, 0)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            stage.forward_backward((s, t, yy))
+            opt.step()
+            busy += time.perf_counter() - t0
+    for w in pending:
+        w.wait()
+    dist.barrier()
+    wall = time.perf_counter() - t_start
+    busy_all = [None, None]
+    dist.all_gather_object(busy_all, busy)
+    for prm in stages[1].params:  # gather stage 2's weights on rank 0 for the test score
+        if rank == 1:
+            dist.send(prm.detach().contiguous(), 0)
+        else:
+            buf = torch.empty_like(prm)
+            dist.recv(buf, 1)
+            prm.data.copy_(buf)
+    if rank == 0:
+        n = sum(len(y) for _, y in chosen)
+        Path(out_path).write_text(json.dumps({
+            "samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy_all,
+            "bubble": 1 - sum(busy_all) / (2 * wall), "test_acc": _test_acc(b.rule, b.data),
+            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    dist.destroy_process_group()
+
+
+def staged_processes(overrides, batch_size, steps, groups) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "staged.json"
+        mp.spawn(_staged_worker, args=(_free_port(), overrides, batch_size, steps, groups, str(out)),
+                 nprocs=2, join=True)
+        return json.loads(out.read_text())
+
+
+def bp_pipeline(overrides, batch_size, steps, microbatches) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "pipe.json"
+        mp.spawn(_pipeline_worker, args=(_free_port(), overrides, batch_size, steps, microbatches, str(out)),
+                 nprocs=2, join=True)
+        return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", default="al_mlp1024", choices=sorted(CASES))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "runs/bench"))
+    a = ap.parse_args(argv)
+    overrides, bs = CASES[a.case]
+    c0 = _cfg(overrides, bs, 1)
+    data = load_dataset("mnist", root=c0["data"]["root"], cache_dir=c0["data"]["cache_dir"])
+    rows, method, model = [], c0["method"]["name"], c0["model"]["name"]
+
+    def row(mode, backend, r, threads, stages=1):
+        rows.append({"mode": mode, "backend": backend, "method": "bp" if mode.startswith("bp") else method,
+                     "model": model, "threads": threads, "stages": stages, "batch_size": bs, **r})
+        print(f"  {mode:12s} {backend:10s} {r['samples_per_s']:9.0f} samples/s  test_acc {r.get('test_acc', float('nan')):.4f}",
+              flush=True)
+
+    bp_over = [o.replace("method=al", "method=bp") for o in overrides]
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        row("bp_best", f"{t} thread(s)", _train(_cfg(bp_over, bs, t), data, a.steps), t)
+    best = max((r for r in rows if r["mode"] == "bp_best"), key=lambda r: r["samples_per_s"])
+    for r in [r for r in rows if r["mode"] == "bp_best" and r is not best]:
+        rows.remove(r)
+    pipe = bp_pipeline(overrides, bs, a.steps, a.microbatches)
+    row("bp_pipeline", "processes", {**pipe, "microbatches": a.microbatches}, 1, 2)
+    torch.set_num_threads(1)
+    seq = _train(_cfg(overrides, bs, 1, "sequential"), data, a.steps)
+    row("sequential", "sequential", seq, 1, 2)
+    staged_cfg = _cfg(overrides, bs, 1, "threads")
+    staged = _train(staged_cfg, data, a.steps)
+    busy = staged["stage_busy_s"]
+    ideal = seq["samples_per_s"] * sum(seq["stage_busy_s"]) / max(seq["stage_busy_s"])
+    staged |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": staged["samples_per_s"] / ideal,
+               "bubble": 1 - sum(busy) / (len(busy) * staged["wall_s"]),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row("staged", "threads", staged, 1, 2)
+    groups = [s.parts for s in build(staged_cfg, data=data).engine.stages]  # the threads row's partition
+    proc = staged_processes(overrides, bs, a.steps, groups)
+    proc |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": proc["samples_per_s"] / ideal}
+    row("staged", "processes", proc, 1, 2)
+    for r in rows:
+        if "samples_per_s" in r:
+            r["ratio_to_bp_best"] = r["samples_per_s"] / best["samples_per_s"]
+            r["ratio_to_bp_pipeline"] = r["samples_per_s"] / pipe["samples_per_s"]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"parallel_{a.case}.json"
+    env = {"torch": torch.__version__, "cpus": os.cpu_count(), "steps": a.steps, "load_avg_at_start": os.getloadavg()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"{'mode':12s} {'backend':12s} {'samples/s':>10s} {'/bp_best':>9s} {'/bp_pipe':>9s} {'of ideal':>9s} {'test_acc':>9s}")
+    for r in rows:
+        if "samples_per_s" in r:
+            print(f"{r['mode']:12s} {r['backend']:12s} {r['samples_per_s']:10.0f} {r['ratio_to_bp_best']:9.2f} "
+                  f"{r['ratio_to_bp_pipeline']:9.2f} {r.get('fraction_of_ideal', float('nan')):9.2f} "
+                  f"{r.get('test_acc', float('nan')):9.4f}")
+        else:
+            print(f"{r['mode']:12s} {r['backend']:12s} skipped: {r['skipped']}")
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
