@@ -20,7 +20,7 @@ from bpfree.train import OPTIMIZERS, make_optimizer
 # keys of the `dataset` node that describe it rather than configure its loader
 DATASET_META = ("name", "num_classes", "input_shape", "eval")
 # keys of the `data` node that the loader takes (the rest configure batching/augmentation)
-LOADER_KEYS = ("root", "cache_dir", "download", "subset", "test_subset")
+LOADER_KEYS = ("root", "cache_dir", "download", "subset", "test_subset", "val_split")
 
 
 @dataclass
@@ -80,7 +80,7 @@ def build(c: dict, data: Splits | None = None) -> Built:
             task.check(split, ds["name"])
     rule = build_rule_for(c, ds["input_shape"], ds["num_classes"], task.loss, device)
     optim_kw = {k: v for k, v in c["optim"].items() if k != "name"}
-    optimizer, scheduler, interval = make_optimizer(rule.parameters(), c["optim"]["name"], **optim_kw)
+    optimizer, scheduler, interval = make_optimizer(rule.optimizer_groups(), c["optim"]["name"], **optim_kw)
     aug = c["data"]["augment"]
     augment = AUGMENTS[aug](c["data"]) if aug is not None else None
     engine = None

@@ -108,6 +108,7 @@ TRAINER: dict[str, Any] = {
 DATA: dict[str, Any] = {
     "root": Str(), "cache_dir": Str(), "download": Bool(), "subset": Int(min=1, null=True),
     "test_subset": Int(min=1, null=True), "augment": Str(null=True), "jitter": Int(min=0),
+    "val_split": Float(positive=True, null=True),  # fraction in (0, 1); load_dataset checks < 1
 }
 # top-level keys that experiments add for their own interpolations (e.g. `abstracted: [[E4, E6]]`) are
 # allowed as long as they are not a near-miss of a known key

@@ -74,14 +74,21 @@ class AssociatedLearning(LearningRule):
     null = fold a fully connected model into (n_blocks - 2) // 2 one-block components, leaving a
     2-layer top bridge (the paper's MLP). The last L blocks are the decoders h_L..h_1; the blocks
     between the f side and the decoders form the top bridge (an odd middle layer lands there, §5.2).
+    l2: L2 penalty (l2/2) * sum ||kernel||² added to each component's associated loss, on the kernels
+    (Linear/Conv2d weights) of its f blocks and its bridge only: the authors' kernel_regularizer
+    (CIFAR10/models.py al_loss, conv_layer_bn), which never regularises the autoencoders g_i, h_i.
+    Use it instead of optim.weight_decay, which would also shrink g_i, h_i (train_step refuses that).
     bridge_hidden: width of the lower bridges' hidden layer (null = the top bridge's first width, the
     authors' 5n). bridge_pool: average-pool conv features to this spatial size before a lower bridge
     flattens them (null = flatten as the authors do; an int shrinks the bridges for CPU runs).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, components=None, bridge_hidden: int | None = None,
-                 bridge_pool: int | None = None, f_activation: str = "elu", t_activation: str = "sigmoid"):
+    def __init__(self, model: nn.Module, loss_fn, *, components, bridge_hidden: int | None, bridge_pool: int | None,
+                 f_activation: str, t_activation: str, l2: float):  # defaults: conf/method/al.yaml
         super().__init__(model, loss_fn)
+        if l2 < 0:
+            raise ValueError(f"al method.l2 must be >= 0 (an L2 penalty on the f side and bridges), got {l2}")
+        self.l2 = l2
         for a in (f_activation, t_activation):
             if a not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {a!r} for al; valid: {sorted(ACTIVATIONS)}")
@@ -228,6 +235,42 @@ class AssociatedLearning(LearningRule):
         ae = F.mse_loss(self._h(i, t), t_prev)       # MSE_i^(2): flows into g_i and h_i only
         return assoc, ae, s, t, s_bridged
 
+    def l2_penalty(self, i: int) -> torch.Tensor | float:
+        """(l2 / 2) * sum of squared kernels of component i's f blocks and bridge (tf's
+        l2_regularizer(scale)(w) = scale * sum(w²) / 2, so its gradient is l2 * w, as Adam's
+        weight_decay would be); the autoencoders g_i, h_i are never penalised (authors' code)."""
+        if not self.l2:
+            return 0.0
+        blocks = model_blocks(self.model)
+        L = len(self.fold)
+        mods = [*(blocks[n] for n in self.fold[i - 1]),
+                *([blocks[n] for n in self.top_bridge] if i == L else [self.bridges[i - 1]])]
+        kernels = [m.weight for mod in mods for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        return 0.5 * self.l2 * sum(w.pow(2).sum() for w in kernels)
+
+    def t_side_parameters(self) -> list[nn.Parameter]:
+        """Encoders g_i and decoders h_i: the autoencoders, trained by the ae losses only."""
+        blocks = model_blocks(self.model)
+        return [p for m in [*self.encoders, *(blocks[n] for n in self.decoders)] for p in m.parameters()]
+
+    def _check_optimizer(self, optimizer) -> None:
+        """Refuse an optimizer that weight-decays the autoencoders. Their ae losses are element-mean
+        MSEs of sigmoid outputs (gradients ~1e-5 once t_{i-1} is nearly constant), so a coupled L2 term
+        dominates and Adam's normalisation turns it into a ~lr-per-step shrink of g_i, h_i: the targets
+        t_i collapse to one vector for every class, the associated losses fall to ~0 by predicting it,
+        and eq. 8 predicts a constant (measured on ResNet-20, cifar10_jpeg: test acc 0.1000)."""
+        if getattr(self, "_optimizer_checked", None) == id(optimizer):
+            return
+        t_ids = {id(p) for p in self.t_side_parameters()}
+        for g in optimizer.param_groups:
+            if g.get("weight_decay", 0) and any(id(p) in t_ids for p in g["params"]):
+                raise ValueError(
+                    f"al: the optimizer's weight_decay={g['weight_decay']} also decays the autoencoders g_i, h_i, "
+                    "which collapses AL's targets to one vector for all classes (constant predictions). "
+                    "Set optim.weight_decay=0 and method.l2=<value>: an L2 penalty on the f side and "
+                    "bridges only, as the authors' kernel_regularizer")
+        self._optimizer_checked = id(optimizer)
+
     def _targets(self, y):
         return F.one_hot(y, self.num_classes).float()  # t_0: (B, classes)
 
@@ -261,7 +304,7 @@ class AssociatedLearning(LearningRule):
                 total, out = 0.0, {}
                 for i in comps:
                     assoc, ae, s, t, s_bridged = self.local_objective(i, s, t)
-                    total = total + assoc + ae
+                    total = total + assoc + ae + self.l2_penalty(i)
                     out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
                 total.backward()
                 out["loss"] = total.detach()  # this stage's share; the engine sums the stages' shares
@@ -283,12 +326,13 @@ class AssociatedLearning(LearningRule):
 
     # ---- LearningRule interface ---------------------------------------------------------------
     def train_step(self, x, y, optimizer):
+        self._check_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
         s, t = self._entry(x), self._targets(y)
         total, out = 0.0, {}
         for i in range(1, len(self.fold) + 1):
             assoc, ae, s, t, s_bridged = self.local_objective(i, s, t)
-            total = total + assoc + ae
+            total = total + assoc + ae + self.l2_penalty(i)
             out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
         # one backward of the sum = each component's own backward: the boundaries are detached, so
         # d(total)/d(theta_i) = d(local_i)/d(theta_i) exactly (tested)
@@ -346,7 +390,7 @@ class AssociatedLearning(LearningRule):
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 assoc, ae, *_ = self.local_objective(i, s_in, t_in)
-                (assoc + ae).backward()
+                (assoc + ae + self.l2_penalty(i)).backward()
                 optimizer.step()  # Adam/SGD skip parameters whose .grad is None: only component i moves
                 if x.is_cuda:
                     torch.cuda.synchronize()

@@ -52,6 +52,12 @@ class LearningRule(nn.Module):
     def after_step(self) -> None:
         """Work after the optimizer step (e.g. a weight decay on feedback matrices); default: none."""
 
+    def optimizer_groups(self):
+        """What the optimizer is built over (bpfree/build.py): all parameters by default; a rule whose
+        source trains some of its modules at another learning rate returns torch param groups, e.g.
+        [{"params": forward}, {"params": inverses, "lr": 0.005}] (a group's own lr wins)."""
+        return self.parameters()
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The inference function scored at evaluation (called under torch.no_grad, in eval mode)."""
         return self.model(x)

@@ -274,7 +274,7 @@ class KolenPollack(FeedbackRule):
     B from the current W after every step: the same B as running the update on B with a second
     optimizer state, without that state or its cost (per step: one scale of W, one add)."""
 
-    def __init__(self, model, loss_fn, decay: float = 1e-3):
+    def __init__(self, model, loss_fn, *, decay: float):  # default: conf/method/kp.yaml
         if not 0 <= decay < 1:
             raise ValueError(f"kp decay must be in [0, 1) (a per-step shrink factor), got {decay}")
         self.decay = decay
@@ -302,8 +302,8 @@ class WeightMirror(FeedbackRule):
     B <- B + lr * mean(y xᵀ) - decay * B. The mean is noise² W, so B -> (lr noise² / decay) W;
     the defaults make that W itself."""
 
-    def __init__(self, model, loss_fn, mirror_steps: int = 1, mirror_lr: float = 0.05,
-                 mirror_decay: float = 0.05, noise: float = 1.0, mirror_batch: int = 64):
+    def __init__(self, model, loss_fn, *, mirror_steps: int, mirror_lr: float, mirror_decay: float, noise: float,
+                 mirror_batch: int):  # defaults: conf/method/wm.yaml
         if mirror_steps < 0 or mirror_batch < 1:
             raise ValueError(f"wm needs mirror_steps >= 0 and mirror_batch >= 1, got {mirror_steps}, {mirror_batch}")
         self.mirror_steps, self.mirror_lr, self.mirror_decay = mirror_steps, mirror_lr, mirror_decay

@@ -8,9 +8,12 @@ Each step:
      for l = L..2: target for the layer below from its pre-activation,
         t_{l-1} = act_{l-1}(a_{l-1} - beta * e_l E_l)     (E_l: error weights, stored in W_l's shape)
         e_{l-1} = h_{l-1} - t_{l-1}                       (the error unit of layer l-1)
-  3. local losses (inputs detached): the task loss for the output layer; 0.5 ||h_l - t_l||² below.
-     Error weights follow their layer's update transposed (LRA-E: ΔE_l = -γ ΔW_lᵀ; γ = 1 here, as
-     Adam's per-parameter step makes a constant gradient scale irrelevant): E_l.grad = W_l.grad.
+  3. local losses (inputs detached): the task loss for the output layer; 0.5 ||h_l - t_l||² below
+     (derivative=True, gradient e_l ⊙ act'(a_l) h_{l-1}ᵀ), or LRA-E's own update e_l h_{l-1}ᵀ without
+     the activation derivative (derivative=False, AnkurMali/LRA-E mnist.py: dW = eᵀh).
+     Error weights follow their layer's update transposed (LRA-E: ΔE_l = -γ ΔW_lᵀ, γ = 1 as the
+     authors' code): E_l.grad = W_l.grad. E_l ~ N(0, error_std²) (the authors: 1.0, ten times W's 0.1)
+     or, with error_std null, W_l's own std.
 No weight transport (targets use E, never W) and the backward neurons compute what forward ones do
 (a linear map followed by the layer's own activation): the asymmetry problem of §3.
 """
@@ -27,12 +30,18 @@ from bpfree.rules.target_prop import LayerwiseRule
 
 @RULES.register("lra")
 class LRA(LayerwiseRule):
-    def __init__(self, model, loss_fn, beta: float = 0.1):
+    def __init__(self, model, loss_fn, *, beta: float, error_std: float | None, derivative: bool):
+        # defaults: conf/method/lra.yaml
         super().__init__(model, loss_fn, "lra")
-        self.beta = beta
-        # E_l for l = 2..L (E_1 would make a target for the input); same shape as W_l: (d_l, d_{l-1})
+        if error_std is not None and error_std <= 0:
+            raise ValueError(f"lra: method.error_std must be > 0 or null (= each W's own std), got {error_std}")
+        self.beta, self.derivative = beta, derivative
+        # E_l for l = 2..L (E_1 would make a target for the input); same shape as W_l: (d_l, d_{l-1}).
+        # error_std: N(0, error_std²) as LRA-E's code (E ~ N(0, 1) against W ~ N(0, 0.1)); null: W's std.
+        def draw(w):
+            return torch.randn_like(w) * error_std if error_std is not None else random_like_layer(w)
         self.error_weights = nn.ParameterDict({
-            self.names[i]: nn.Parameter(random_like_layer(lin.weight))
+            self.names[i]: nn.Parameter(draw(lin.weight.detach()))
             for i, (lin, _) in enumerate(self.pairs) if i > 0})
 
     def local_losses(self, x, y):
@@ -57,7 +66,10 @@ class LRA(LayerwiseRule):
             # 0.5 ||act(lin(h_{l-1})) - t_l||² has gradient e_l * d act(lin(h_{l-1})) at the current
             # weights (where act(lin(h_{l-1})) = h_l); this surrogate gives exactly that gradient
             # without forming h_l - t_l in float32 again.
-            total = total + (act(lin(h[l - 1])) * errors[l]).sum(1).mean()
+            # derivative=False: LRA-E's own update ΔW_l = e_l h_{l-1}ᵀ (mnist.py: dW = e^T h), which
+            # skips act'(a_l); the surrogate lin(h_{l-1}) · e_l has exactly that gradient.
+            out_l = act(lin(h[l - 1])) if self.derivative else lin(h[l - 1])
+            total = total + (out_l * errors[l]).sum(1).mean()
             layer_loss = layer_loss + 0.5 * errors[l].pow(2).sum(1).mean()
         return total, {"loss": task.detach(), "layer_loss": torch.as_tensor(layer_loss)}
 

@@ -106,11 +106,14 @@ def _sq(a, b):  # 0.5 ||a - b||², summed over units, mean over the batch
 class TargetProp(LayerwiseRule):
     difference = False
 
-    def __init__(self, model, loss_fn, target_lr: float = 0.1, noise: float = 0.1):
+    def __init__(self, model, loss_fn, *, target_lr: float, noise: float, inverse_lr: float | None):
+        # defaults: conf/method/{tp,dtp}.yaml
         super().__init__(model, loss_fn, type(self).__name__)
         if len(self.pairs) < 2:
             raise UnsupportedModel("target propagation needs at least one hidden layer")
-        self.target_lr, self.noise = target_lr, noise
+        if inverse_lr is not None and inverse_lr <= 0:
+            raise ValueError(f"{type(self).__name__}: method.inverse_lr must be > 0 or null (= optim.lr), got {inverse_lr}")
+        self.target_lr, self.noise, self.inverse_lr = target_lr, noise, inverse_lr
         # inverse g_l for l = 2..L-1 (maps h_l back to h_{l-1}); g_1 is never needed (no target for x)
         inv = {}
         for l in range(1, len(self.pairs) - 1):  # 0-based index of layer l+1
@@ -119,8 +122,16 @@ class TargetProp(LayerwiseRule):
             inv[self.names[l]] = nn.Sequential(nn.Linear(lin.out_features, lin.in_features), type(act_below)())
         self.inverses = nn.ModuleDict(inv)
 
-    def local_losses(self, x, y):
-        pre, h = self.forward_all(x)
+    def optimizer_groups(self):
+        """The inverses g_l at their own learning rate (Lee et al.'s code: lr_b = 0.005 vs lr_f = 0.0149)."""
+        if self.inverse_lr is None:
+            return self.parameters()
+        inv = {id(p) for p in self.inverses.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in inv]},
+                {"params": list(self.inverses.parameters()), "lr": self.inverse_lr}]
+
+    def targets(self, h, y):
+        """(task loss of the output layer on detached h_{L-1}, {l: t_l} for l = 1..L-1)."""
         L = len(self.pairs)
         # output layer: the task loss on the detached input; its gradient at h_{L-1} gives the top target
         h_top = h[L - 1].clone().requires_grad_(True)
@@ -133,6 +144,12 @@ class TargetProp(LayerwiseRule):
                 g = self.inverses[self.names[l - 1]]
                 t = g(targets[l])
                 targets[l - 1] = h[l - 1] + t - g(h[l]) if self.difference else t
+        return task, targets
+
+    def local_losses(self, x, y):
+        _, h = self.forward_all(x)
+        L = len(self.pairs)
+        task, targets = self.targets(h, y)
         total, layer_loss, inv_loss = task, 0.0, 0.0
         for l in range(1, L):
             lin, act = self.pairs[l - 1]
