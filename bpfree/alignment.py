@@ -74,3 +74,27 @@ def layer_names(model: nn.Module, kinds=(nn.Linear, nn.Conv2d)) -> dict[str, nn.
     for s, h, (_, m) in zip(short, heads, found):
         out[h if heads.count(h) == 1 else s] = m
     return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine between two same-shape tensors, flattened (a whole batch of gradients as one vector);
+    0.0 when either is zero."""
+    if a.shape != b.shape:
+        raise ValueError(f"cosine needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    na, nb = a.norm(), b.norm()
+    return 0.0 if na == 0 or nb == 0 else float((a @ b) / (na * nb))
+
+
+def sample_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over the leading (batch) dimension of the per-sample cosine; a zero sample counts as 0."""
+    a, b = a.detach().flatten(1).double(), b.detach().flatten(1).double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30).mean())
+
+
+def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a|| / ||b|| (flattened); inf when b is zero and a is not, 1.0 when both are zero."""
+    na, nb = float(a.detach().double().norm()), float(b.detach().double().norm())
+    if nb == 0:
+        return 1.0 if na == 0 else math.inf
+    return na / nb
