@@ -115,7 +115,9 @@ def environment(device: torch.device) -> dict:
 # fingerprint and of the "same configuration?" test below. BUDGET is the part that says how long.
 BUDGET = ("trainer.epochs",)
 RESUMABLE = (*BUDGET, "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.device",
-             "trainer.keep_checkpoints", "logger", "records_dir", "checkpoint_dir", "run_name")
+             "trainer.keep_checkpoints", "logger", "records_dir", "checkpoint_dir", "run_name",
+             # where the (checksummed) data is read from and cached, not what it is
+             "data.root", "data.cache_dir", "data.download")
 # keys shown by the base name itself (conf/config.yaml run_name) or naming the experiment
 NAMED = ("method", "model", "dataset", "seed", "scale", "experiment")
 
@@ -203,7 +205,7 @@ def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
         shown.append(raw)
         why_not.append(f"{raw} is not one of the experiment's settings")
     suffix = ""
-    if shown:
+    if shown and not any(k == "run_name" for k, _ in keys):  # a name the user chose is used as given
         text = ",".join(sorted(shown))
         readable = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")[:60]
         # the hash keeps names distinct where the readable part is cut or two values map to one spelling

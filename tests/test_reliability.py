@@ -47,7 +47,8 @@ def test_run_name_shows_every_override_the_base_name_does_not():
     b = identify(["method=abstraction_derived", "method.regions=[[l3,l5]]"], {})
     assert a.suffix and b.suffix and a.suffix != b.suffix and "regions" in a.suffix
     # the budget and how a run is watched do not make another run: a longer run continues the same one
-    assert identify(["trainer.epochs=3", "trainer.num_threads=1", "seed=2"], {}).suffix == ""
+    assert identify(["trainer.epochs=3", "trainer.num_threads=1", "seed=2", "data.root=/x"], {}).suffix == ""
+    assert identify(["run_name=mine", "data.subset=5"], {}).suffix == ""  # a name the user chose is kept
 
 
 def test_only_an_experiment_at_its_own_settings_is_official():
@@ -278,7 +279,9 @@ def test_kill_9_in_epoch_2_then_resume_gives_the_same_record(compose_run, tmp_pa
     for line in proc.stdout:
         if line.startswith("epoch 1/3"):
             break
-    time.sleep(random.uniform(0.0, 0.3))  # somewhere in epoch 2 (it takes ~1 s)
+    # somewhere inside epoch 2: it takes about as long as epoch 1 did (whatever the machine's load)
+    took = float(line.split("epoch_train_seconds=")[1].split(",")[0])
+    time.sleep(random.uniform(0.1, 0.7) * took)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
