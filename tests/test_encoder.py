@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 
 import pytest
 import torch
@@ -112,7 +111,7 @@ def test_dfa_sends_the_error_to_every_real_token_of_a_sequence_stream():
     """layer placement: a Linear on (N, T, d) receives e B_l at every real position, 0 at padding."""
     torch.manual_seed(3)
     model = tiny(layers=1)
-    rule = build_rule("dfa", model, F.nll_loss, placement="layer")
+    _rule = build_rule("dfa", model, F.nll_loss, placement="layer")  # kept alive: its hooks do the work
     x, y = token_batch(4)
     seen = {}
     wi = model.blocks["L1"].wi

@@ -100,7 +100,7 @@ def test_fa_with_random_B_differs_from_backprop_below_the_top():
 def test_dfa_sends_the_output_error_through_a_fixed_random_matrix():
     torch.manual_seed(1)
     model = build_model("mlp", (1, 8, 8), 10, hidden=[16, 12])
-    rule = build_rule("dfa", model, F.nll_loss)
+    _rule = build_rule("dfa", model, F.nll_loss)  # kept alive: its hooks do the work
     x, y = torch.randn(5, 1, 8, 8), torch.arange(5)
     seen = {}
     model.blocks["l2"][0].register_full_backward_hook(lambda m, gin, gout: seen.update(gin=gin[0]))

@@ -72,7 +72,8 @@ def card() -> str:
          "own figures) and results/bench/mlp_mnist_b64.json. Test accuracy % on MNIST; MNIST figures of "
          "different networks and budgets, so read each column on its own."),
         "",
-        "| rule | source's figure | ours at source's settings | ours at shared settings, tuned lr | step time / bp | final angle to the true gradient |",
+        "| rule | source's figure | ours at source's settings | ours at shared settings, tuned lr | step time / bp "
+        "| final angle to the true gradient |",
         "|---|---|---|---|---|---|",
     ]
     for rule in RULES:
