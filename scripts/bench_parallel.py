@@ -211,28 +211,24 @@ def _staged_worker(rank, port, overrides, batch_size, steps, groups, out_path):
     dist.destroy_process_group()
 
 
-def staged_processes(overrides, batch_size, steps, groups) -> dict:
+def _spawn2(worker, *args) -> dict:
+    """Run `worker(rank, port, *args, out_path)` on 2 processes; rank 0 writes its result to out_path."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "staged.json"
-        mp.spawn(_staged_worker, args=(_free_port(), overrides, batch_size, steps, groups, str(out)),
-                 nprocs=2, join=True)
+        out = Path(d) / "result.json"
+        mp.spawn(worker, args=(_free_port(), *args, str(out)), nprocs=2, join=True)
         return json.loads(out.read_text())
+
+
+def staged_processes(overrides, batch_size, steps, groups) -> dict:
+    return _spawn2(_staged_worker, overrides, batch_size, steps, groups)
 
 
 def bp_pipeline(overrides, batch_size, steps, microbatches) -> dict:
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "pipe.json"
-        mp.spawn(_pipeline_worker, args=(_free_port(), overrides, batch_size, steps, microbatches, str(out)),
-                 nprocs=2, join=True)
-        return json.loads(out.read_text())
+    return _spawn2(_pipeline_worker, overrides, batch_size, steps, microbatches)
 
 
 def main(argv=None) -> int:
