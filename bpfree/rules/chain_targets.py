@@ -119,12 +119,6 @@ class ChainRule(LearningRule):
         total.backward()
         return out
 
-    def train_step(self, x, y, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        out = self.compute_grads(x, y)
-        optimizer.step()
-        return out
-
     @torch.enable_grad()
     def diagnostics(self, x, y) -> dict[str, float]:
         weights = {n: m.weight for n, m in layer_names(self.model).items()}

@@ -79,12 +79,6 @@ class LayerwiseRule(LearningRule):
         total.backward()
         return out
 
-    def train_step(self, x, y, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        out = self.compute_grads(x, y)
-        optimizer.step()
-        return out
-
     @torch.enable_grad()
     def diagnostics(self, x, y) -> dict[str, float]:
         weights = {n: lin.weight for n, (lin, _) in zip(self.names, self.pairs)}
