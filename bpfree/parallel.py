@@ -17,8 +17,11 @@ weights). The loop (bpfree/train.py) asks only for this interface, never for a r
 own parameters while others run (`stage_defs(..., concurrent=True)`): AL's training-batch accuracy, which
 decodes through every component, is therefore not reported by the threads backend (test accuracy is).
 
-Not here (yet): the `processes` backend (torch.distributed, one process per stage) and rules whose stages
-send messages backwards (synthetic gradients), which would add staleness to record.
+- `processes`: one process per stage over torch.distributed (gloo on CPU, NCCL on GPUs; spawned by run.py
+  or launched by torchrun, one or several machines): bpfree/distributed.py.
+
+Not here (yet): rules whose stages send messages backwards (synthetic gradients), which would add
+staleness to record.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-BACKENDS = ("sequential", "threads")
+BACKENDS = ("sequential", "threads", "processes")  # processes: bpfree/distributed.py
 
 
 class CannotStage(TypeError):
@@ -126,6 +129,11 @@ class Engine:
         if self.backend not in BACKENDS:
             raise CannotStage(f"unknown trainer.parallel={self.backend!r}; valid: null, {', '.join(BACKENDS)}")
 
+    def describe(self) -> dict:
+        """What the record says about the schedule (timing.parallel)."""
+        return {"backend": self.backend, "stages": len(self.stages), "world_size": 1,
+                "parts": [s.parts for s in self.stages]}
+
     def _run_stage(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
         t0 = time.perf_counter()
         opt = self.optimizers.optimizers[k]
@@ -208,15 +216,27 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
                           "backward pass; use trainer.parallel=null. Staged rules: those with local losses (al)")
     if backend not in BACKENDS:
         raise CannotStage(f"unknown trainer.parallel={backend!r}; valid: null, {', '.join(BACKENDS)}")
+    if backend == "processes":
+        from bpfree.distributed import build_process_engine
+
+        return build_process_engine(rule, optimizer, k, sample, checked_stages)
+    stages = checked_stages(rule, k, sample, backend == "threads")
+    if backend == "threads":
+        torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
+    return Engine(stages, StagedOptimizers(optimizer, stages), backend)
+
+
+def checked_stages(rule, k: int, sample: tuple | None, concurrent: bool, groups: list[list[int]] | None = None):
+    """rule.stage_defs, refusing stages that leave a parameter untrained. `groups` (StageDef.parts, as another
+    process balanced them) skips the cost measurement."""
     import copy
 
     kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics
-    stages = rule.stage_defs(k, sample, concurrent=backend == "threads")
+    extra = {} if groups is None else {"groups": groups}
+    stages = rule.stage_defs(k, sample, concurrent=concurrent, **extra)
     rule.load_state_dict(kept)
     covered = {id(p) for s in stages for p in s.params}
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         raise CannotStage(f"{type(rule).__name__}'s stages leave parameters untrained: {missing[:5]}")
-    if backend == "threads":
-        torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
-    return Engine(stages, StagedOptimizers(optimizer, stages), backend)
+    return stages

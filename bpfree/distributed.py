@@ -1,0 +1,389 @@
+"""The `processes` backend of bpfree.parallel: one process per stage, over torch.distributed.
+
+Launch (`stage_processes(c)`, used by run.py and scripts/bench_parallel.py):
+- under `torchrun` (RANK, WORLD_SIZE, MASTER_ADDR in the environment) this process joins torchrun's group
+  (env://, one or several machines); WORLD_SIZE must equal trainer.stages;
+- run plainly, this process becomes rank 0 and spawns ranks 1..K-1 (torch.multiprocessing, start method
+  spawn) that meet it on a free localhost port.
+Rank 0 runs the ordinary loop (bpfree/train.py fit): it reads the data, trains stage 1, evaluates,
+checkpoints and writes the record. Ranks 1..K-1 build the same rule from the same config and serve their
+stage (`ProcessEngine.serve`) until rank 0 says stop; they write nothing.
+
+One epoch (`ProcessEngine.run_epoch` on rank 0, `.serve` on the others):
+1. rank 0 sends each rank k its stage's parameters, buffers and optimizer state (send_object_list).
+   Between epochs rank 0 holds the whole run (what it evaluates, checkpoints and resumes from), so a
+   resumed run continues on every rank from the checkpoint;
+2. per batch, rank k receives the tuple of tensors stage k-1 sends (a fixed-size int64 header with each
+   tensor's dtype and shape, then the tensors, so a short last batch needs nothing special), runs its
+   stage (forward_backward, then its own optimizer's step) and isends its outputs to rank k+1 without
+   waiting (at most `queue_size` batches in flight): once the pipe is full stage k trains on batch b while
+   stage k-1 trains on batch b+1. A header with count -1 ends the epoch;
+3. rank 0 gathers every stage's per-batch scalars, busy seconds, parameters, buffers and optimizer state.
+Stage k's input for batch b comes from stage k-1's weights after batch b-1, as in the sequential schedule:
+for AL the weights and records equal the sequential run's (tests/test_parallel.py).
+
+Communication: gloo on CPU, NCCL when the run's device is CUDA (trainer.dist_backend=auto), one GPU per
+process (LOCAL_RANK under torchrun, the rank when spawned). With gloo and a CUDA device, messages go
+through CPU memory. No sockets of our own: torch.distributed's point-to-point operations only.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from bpfree.parallel import CannotStage, Engine, merge
+
+# the wire's dtypes (a header names one by its index); bool travels as uint8 (gloo sends no bool)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool)
+HEADER = 64  # int64 slots: [count, then per tensor: dtype index (-1: None), ndim, *shape]; count -1 = stop
+# a stage process waits for rank 0 through its evaluation and checkpoint between epochs, and through the
+# record's final scoring before the stop; a crashed peer surfaces sooner, as a closed connection
+TIMEOUT = timedelta(hours=2)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+
+
+def in_stage_group() -> bool:
+    """This process already belongs to a `processes` run's group (run.py then trains or serves in it)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def dist_backend(name: str, device: torch.device) -> str:
+    """trainer.dist_backend: auto = nccl on CUDA, gloo on CPU; refuses what this machine cannot run."""
+    if name not in ("auto", "gloo", "nccl"):
+        raise CannotStage(f"unknown trainer.dist_backend={name!r}; valid: auto, gloo, nccl")
+    if not dist.is_available():
+        raise CannotStage("trainer.parallel=processes needs torch.distributed, which this torch build lacks; "
+                          "use trainer.parallel=threads")
+    chosen = ("nccl" if device.type == "cuda" else "gloo") if name == "auto" else name
+    if chosen == "nccl" and (device.type != "cuda" or not torch.cuda.is_available() or not dist.is_nccl_available()):
+        raise CannotStage(f"trainer.dist_backend=nccl needs CUDA GPUs and an NCCL build of torch (the run's device is "
+                          f"{device}, cuda available: {torch.cuda.is_available()}); use trainer.dist_backend=gloo "
+                          "or auto")
+    if chosen == "gloo" and not dist.is_gloo_available():
+        raise CannotStage("trainer.dist_backend=gloo: this torch build has no gloo; use nccl on GPUs")
+    return chosen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, init_method: str, backend: str, device: torch.device, local_rank: int) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # "cuda" is then this process's GPU
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
+
+
+def _device_of(c: dict) -> torch.device:
+    from bpfree.build import pick_device
+
+    return pick_device(c["trainer"]["device"])
+
+
+def serve_stage(c: dict) -> dict:
+    """A stage process (rank > 0): build the run's rule (bpfree.build, same seed) and serve its stage."""
+    from bpfree.build import build
+
+    b = build(c)
+    b.engine.serve()
+    return {"status": "stage", "rank": dist.get_rank()}
+
+
+def _spawned(i: int, c: dict, port: int, world: int, backend: str) -> None:
+    rank = i + 1
+    _init(rank, world, f"tcp://127.0.0.1:{port}", backend, _device_of(c), rank)
+    try:
+        serve_stage(c)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stage_processes(c: dict):
+    """The process group of trainer.stages processes for the run `c`; yields this process's rank. Under
+    torchrun it joins; otherwise it spawns ranks 1..K-1 (they serve their stages, see `serve_stage`). On
+    leaving, rank 0 tells the stage processes to stop, and the group is closed."""
+    import torch.multiprocessing as mp
+
+    k = c["trainer"]["stages"]
+    device = _device_of(c)
+    backend = dist_backend(c["trainer"]["dist_backend"], device)
+    ctx = None
+    if under_torchrun():
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        if world != k:
+            raise CannotStage(f"torchrun started {world} processes (WORLD_SIZE) but trainer.stages={k}: one process per "
+                              f"stage; launch with --nnodes x --nproc_per_node = {k}, or set trainer.stages={world}")
+        _init(rank, world, "env://", backend, device, int(os.environ.get("LOCAL_RANK", rank)))
+    else:
+        rank, port = 0, _free_port()
+        ctx = mp.start_processes(_spawned, args=(c, port, k, backend), nprocs=k - 1, join=False, start_method="spawn")
+        failed: list[BaseException] = []
+
+        def init():
+            try:
+                _init(0, k, f"tcp://127.0.0.1:{port}", backend, device, 0)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                failed.append(e)
+
+        t = threading.Thread(target=init, daemon=True)
+        t.start()
+        while t.is_alive():  # a stage process that dies while starting must not leave rank 0 waiting
+            t.join(0.2)
+            if not t.is_alive():
+                break
+            try:
+                ctx.join(timeout=0)
+            except BaseException:
+                _terminate(ctx)
+                raise
+        if failed:
+            _terminate(ctx)
+            raise failed[0]
+    ok = False
+    try:
+        yield rank
+        ok = True
+    finally:
+        try:
+            if ok and rank == 0:
+                for r in range(1, k):
+                    dist.send_object_list([None], dst=r, device=_comm_device(backend, device))
+            if ctx is not None:
+                ctx.join() if ok else _raise_child_error(ctx)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _terminate(ctx) -> None:
+    for p in ctx.processes:  # only the stage processes this call started
+        if p.is_alive():
+            p.terminate()
+    for p in ctx.processes:
+        p.join(5)
+
+
+def _raise_child_error(ctx) -> None:
+    """Rank 0 failed: when a stage process failed first, its error is the one to show."""
+    try:
+        deadline = time.time() + 2
+        while time.time() < deadline and not ctx.join(timeout=0.5):
+            pass
+    except Exception as child:  # noqa: BLE001 - torch's ProcessRaisedException carries the child's traceback
+        _terminate(ctx)
+        raise RuntimeError(f"a stage process failed:\n{child}") from None
+    _terminate(ctx)
+
+
+def _comm_device(backend: str, device: torch.device) -> torch.device:
+    return device if backend == "nccl" else torch.device("cpu")
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def stage_state(rule, stages) -> list[dict[str, torch.Tensor]]:
+    """Per stage, the rule's state_dict entries it trains: its parameters, and the buffers of modules that
+    own one of them (BatchNorm's running statistics), by identity."""
+    sd = rule.state_dict(keep_vars=True)
+    key_of = {id(t): k for k, t in sd.items()}
+    out = []
+    for s in stages:
+        ids = {id(p) for p in s.params}
+        mine = {key_of[id(p)]: p for p in s.params if id(p) in key_of}
+        for m in rule.modules():
+            if any(id(p) in ids for p in m.parameters(recurse=False)):
+                mine |= {key_of[id(b)]: b for b in m.buffers(recurse=False) if id(b) in key_of}
+        out.append(mine)
+    return out
+
+
+@dataclass
+class ProcessEngine(Engine):
+    """Engine for one process of a `processes` run: this rank trains stage `rank` only."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    dist_backend: str = "gloo"
+    owned: list = field(default_factory=list)       # stage_state(rule, stages)
+    timing: dict = field(default_factory=dict)      # last epoch: pipeline_s (the batches), sync_s (state moves)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.comm = _comm_device(self.dist_backend, self.device)
+        self._pending: deque = deque()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "world_size": self.world, "dist_backend": self.dist_backend}
+
+    # ---- messages --------------------------------------------------------------------------------
+    def _send(self, tensors, dst: int) -> None:
+        head = [-1] if tensors is None else [len(tensors)]
+        payload = []
+        for t in tensors or ():
+            if t is None:
+                head.append(-1)
+                continue
+            head += [DTYPES.index(t.dtype), t.dim(), *t.shape]
+            payload.append(t.detach().to(self.comm, torch.uint8 if t.dtype == torch.bool else t.dtype).contiguous())
+        if len(head) > HEADER:
+            raise ValueError(f"a stage sends {len(tensors)} tensors whose shapes need {len(head)} header slots; "
+                             f"bpfree.distributed.HEADER is {HEADER}")
+        h = torch.tensor(head + [0] * (HEADER - len(head)), dtype=torch.int64, device=self.comm)
+        self._pending.append(([dist.isend(h, dst)] + [dist.isend(p, dst) for p in payload], [h, *payload]))
+        while len(self._pending) > self.queue_size:  # keep at most queue_size batches in flight
+            for w in self._pending.popleft()[0]:
+                w.wait()
+
+    def _flush(self) -> None:
+        while self._pending:
+            for w in self._pending.popleft()[0]:
+                w.wait()
+
+    def _recv(self, src: int):
+        h = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
+        dist.recv(h, src)
+        spec = h.tolist()
+        if spec[0] < 0:
+            return None
+        bufs, works, i = [], [], 1
+        for _ in range(spec[0]):
+            code = spec[i]
+            if code < 0:
+                bufs.append(None)
+                i += 1
+                continue
+            nd = spec[i + 1]
+            dtype = DTYPES[code]
+            buf = torch.empty(spec[i + 2:i + 2 + nd], dtype=torch.uint8 if dtype == torch.bool else dtype, device=self.comm)
+            works.append(dist.irecv(buf, src))
+            bufs.append((buf, dtype))
+            i += 2 + nd
+        for w in works:
+            w.wait()
+        return tuple(None if b is None else b[0].to(self.device, b[1]) for b in bufs)
+
+    # ---- state between epochs ----------------------------------------------------------------------
+    def _state(self, k: int) -> dict:
+        return {"tensors": _cpu(self.owned[k]), "optimizer": _cpu(self.optimizers.optimizers[k].state_dict())}
+
+    @torch.no_grad()
+    def _load(self, k: int, state: dict) -> None:
+        for key, v in state["tensors"].items():
+            self.owned[k][key].copy_(v)
+        self.optimizers.optimizers[k].load_state_dict(state["optimizer"])
+
+    # ---- the epoch -------------------------------------------------------------------------------
+    def _pipeline(self, first_inputs, max_steps) -> list[dict]:
+        r, last = self.rank, self.world - 1
+        out = []
+        if r == 0:
+            for b, inputs in enumerate(first_inputs):
+                if max_steps and b >= max_steps:
+                    break
+                outputs, s = self._run_stage(0, inputs)
+                out.append(s)
+                if last:
+                    self._send(outputs, 1)
+        else:
+            while (inputs := self._recv(r - 1)) is not None:
+                outputs, s = self._run_stage(r, inputs)
+                out.append(_cpu(s))
+                if r < last:
+                    self._send(outputs, r + 1)
+        if r < last:
+            self._send(None, r + 1)
+        self._flush()
+        return out
+
+    def run_epoch(self, first_inputs, max_steps=None) -> list[dict]:
+        """Rank 0: one epoch over all stages; returns the merged per-batch scalars (as the other backends)."""
+        if self.rank != 0:
+            raise RuntimeError("run_epoch is rank 0's; the other ranks call serve()")
+        self.busy = [0.0] * self.world
+        t0 = time.perf_counter()
+        for r in range(1, self.world):
+            dist.send_object_list([self._state(r)], dst=r, device=self.comm)
+        t1 = time.perf_counter()
+        mine = self._pipeline(first_inputs, max_steps)
+        t2 = time.perf_counter()
+        got = [None] * self.world
+        dist.gather_object((None, 0.0, None), got, dst=0)
+        for r in range(1, self.world):
+            scalars, busy, state = got[r]
+            if len(scalars) != len(mine):
+                raise RuntimeError(f"stage {r + 1} trained on {len(scalars)} batches, stage 1 on {len(mine)}")
+            self._load(r, state)
+            self.busy[r] = busy
+        self.timing = {"pipeline_s": t2 - t1, "sync_s": (t1 - t0) + (time.perf_counter() - t2)}
+        out = []
+        for b, s in enumerate(mine):
+            for r in range(1, self.world):
+                s = merge(s, got[r][0][b])
+            out.append(s)
+        return out
+
+    def serve(self) -> None:
+        """Ranks > 0: train this rank's stage for each epoch rank 0 starts, until it says stop."""
+        while True:
+            msg = [None]
+            dist.recv_object_list(msg, src=0, device=self.comm)
+            if msg[0] is None:
+                return
+            self._load(self.rank, msg[0])
+            self.busy = [0.0] * self.world
+            scalars = self._pipeline(None, None)
+            dist.gather_object((scalars, self.busy[self.rank], self._state(self.rank)), None, dst=0)
+
+
+def build_process_engine(rule, optimizer, k: int, sample, checked_stages) -> ProcessEngine:
+    """This process's engine; rank 0 balances the stages (measured cost) and the others use its partition."""
+    from bpfree.parallel import StagedOptimizers
+
+    if not dist.is_initialized():
+        raise CannotStage("trainer.parallel=processes needs its process group: run it through run.py (which spawns "
+                          "one process per stage) or torchrun (bpfree.distributed.stage_processes)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != k:
+        raise CannotStage(f"the process group has {world} processes but trainer.stages={k}; one process per stage")
+    device = next(iter(rule.parameters())).device
+    backend = dist.get_backend()
+    # every rank must cut the rule where rank 0 did (measured costs differ between processes): a rule whose
+    # stage_defs takes `groups` gets rank 0's partition; another one must cut the same way on every rank
+    takes_groups = "groups" in inspect.signature(rule.stage_defs).parameters
+    stages = checked_stages(rule, k, sample, True, None) if rank == 0 or not takes_groups else None
+    parts = [[s.parts for s in stages] if rank == 0 else None]
+    dist.broadcast_object_list(parts, src=0, device=_comm_device(backend, device))
+    if rank != 0 and takes_groups:
+        stages = checked_stages(rule, k, None, True, parts[0])
+    if [s.parts for s in stages] != parts[0]:
+        raise CannotStage(f"{type(rule).__name__}.stage_defs cut stage {rank + 1} differently from rank 0 "
+                          f"({[s.parts for s in stages]} vs {parts[0]}); give stage_defs a `groups` argument "
+                          "(the partition rank 0 chose) to run it over processes")
+    return ProcessEngine(stages, StagedOptimizers(optimizer, stages), "processes", rank=rank, world=world,
+                         device=device, dist_backend=backend, owned=stage_state(rule, stages))
