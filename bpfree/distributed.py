@@ -157,20 +157,23 @@ def stage_processes(c: dict):
         if failed:
             _terminate(ctx)
             raise failed[0]
-    ok = False
     try:
         yield rank
-        ok = True
+    except BaseException as e:
+        if ctx is not None:  # rank 0 failed: stop the stage processes; show a stage's own error beside it
+            child = _stop_children(ctx)
+            if child:
+                e.add_note(f"a stage process failed too:\n{child}")
+        raise
+    else:
+        if rank == 0:
+            for r in range(1, k):
+                dist.send_object_list([None], dst=r, device=_comm_device(backend, device))
+        if ctx is not None:
+            ctx.join()
     finally:
-        try:
-            if ok and rank == 0:
-                for r in range(1, k):
-                    dist.send_object_list([None], dst=r, device=_comm_device(backend, device))
-            if ctx is not None:
-                ctx.join() if ok else _raise_child_error(ctx)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _terminate(ctx) -> None:
@@ -181,16 +184,17 @@ def _terminate(ctx) -> None:
         p.join(5)
 
 
-def _raise_child_error(ctx) -> None:
-    """Rank 0 failed: when a stage process failed first, its error is the one to show."""
+def _stop_children(ctx, grace: float = 2.0) -> str:
+    """Give the stage processes `grace` seconds to finish failing (their error is then returned), then end them."""
     try:
-        deadline = time.time() + 2
-        while time.time() < deadline and not ctx.join(timeout=0.5):
+        deadline = time.time() + grace
+        while time.time() < deadline and not ctx.join(timeout=0.2):
             pass
     except Exception as child:  # noqa: BLE001 - torch's ProcessRaisedException carries the child's traceback
         _terminate(ctx)
-        raise RuntimeError(f"a stage process failed:\n{child}") from None
+        return str(child)
     _terminate(ctx)
+    return ""
 
 
 def _comm_device(backend: str, device: torch.device) -> torch.device:
