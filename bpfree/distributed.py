@@ -120,8 +120,6 @@ def stage_processes(c: dict):
     """The process group of trainer.stages processes for the run `c`; yields this process's rank. Under
     torchrun it joins; otherwise it spawns ranks 1..K-1 (they serve their stages, see `serve_stage`). On
     leaving, rank 0 tells the stage processes to stop, and the group is closed."""
-    import torch.multiprocessing as mp
-
     k = c["trainer"]["stages"]
     device = _device_of(c)
     backend = dist_backend(c["trainer"]["dist_backend"], device)
@@ -133,30 +131,7 @@ def stage_processes(c: dict):
                               f"stage; launch with --nnodes x --nproc_per_node = {k}, or set trainer.stages={world}")
         _init(rank, world, "env://", backend, device, int(os.environ.get("LOCAL_RANK", rank)))
     else:
-        rank, port = 0, _free_port()
-        ctx = mp.start_processes(_spawned, args=(c, port, k, backend), nprocs=k - 1, join=False, start_method="spawn")
-        failed: list[BaseException] = []
-
-        def init():
-            try:
-                _init(0, k, f"tcp://127.0.0.1:{port}", backend, device, 0)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                failed.append(e)
-
-        t = threading.Thread(target=init, daemon=True)
-        t.start()
-        while t.is_alive():  # a stage process that dies while starting must not leave rank 0 waiting
-            t.join(0.2)
-            if not t.is_alive():
-                break
-            try:
-                ctx.join(timeout=0)
-            except BaseException:
-                _terminate(ctx)
-                raise
-        if failed:
-            _terminate(ctx)
-            raise failed[0]
+        rank, ctx = 0, _spawn_group(c, k, backend, device)
     try:
         yield rank
     except BaseException as e:
@@ -174,6 +149,40 @@ def stage_processes(c: dict):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _spawn_group(c: dict, k: int, backend: str, device: torch.device):
+    """Make this process rank 0 of k and spawn ranks 1..k-1 on a free localhost port; returns their
+    torch.multiprocessing context (None for k = 1)."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    if k == 1:  # one stage: a group of one, nothing to spawn
+        _init(0, 1, f"tcp://127.0.0.1:{port}", backend, device, 0)
+        return None
+    ctx = mp.start_processes(_spawned, args=(c, port, k, backend), nprocs=k - 1, join=False, start_method="spawn")
+    failed: list[BaseException] = []
+
+    def init():
+        try:
+            _init(0, k, f"tcp://127.0.0.1:{port}", backend, device, 0)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failed.append(e)
+
+    t = threading.Thread(target=init, daemon=True)
+    t.start()
+    while t.is_alive():  # a stage process that dies while starting must not leave rank 0 waiting
+        t.join(0.2)
+        try:
+            if t.is_alive():
+                ctx.join(timeout=0)  # raises when a stage process failed
+        except BaseException:
+            _terminate(ctx)
+            raise
+    if failed:
+        _terminate(ctx)
+        raise failed[0]
+    return ctx
 
 
 def _terminate(ctx) -> None:
@@ -195,6 +204,15 @@ def _stop_children(ctx, grace: float = 2.0) -> str:
         return str(child)
     _terminate(ctx)
     return ""
+
+
+def _peak_mb(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA memory allocated on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _comm_device(backend: str, device: torch.device) -> torch.device:
@@ -241,9 +259,11 @@ class ProcessEngine(Engine):
         super().__post_init__()
         self.comm = _comm_device(self.dist_backend, self.device)
         self._pending: deque = deque()
+        self._header = None  # (tensor, work) of the next header's posted irecv
 
     def describe(self) -> dict:
-        return {**super().describe(), "world_size": self.world, "dist_backend": self.dist_backend}
+        return {**super().describe(), "world_size": self.world, "dist_backend": self.dist_backend,
+                "peak_mb_per_stage": self.timing.get("peak_mb")}
 
     # ---- messages --------------------------------------------------------------------------------
     def _send(self, tensors, dst: int) -> None:
@@ -270,8 +290,15 @@ class ProcessEngine(Engine):
                 w.wait()
 
     def _recv(self, src: int):
-        h = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
-        dist.recv(h, src)
+        """The next batch's tensors from `src` (None: the epoch ended). The following header's irecv is posted
+        before this batch is trained on, so its arrival overlaps the compute."""
+        if self._header is None:
+            h = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
+            dist.recv(h, src)
+        else:
+            h, work = self._header
+            work.wait()
+        self._header = None
         spec = h.tolist()
         if spec[0] < 0:
             return None
@@ -288,6 +315,8 @@ class ProcessEngine(Engine):
             works.append(dist.irecv(buf, src))
             bufs.append((buf, dtype))
             i += 2 + nd
+        nxt = torch.empty(HEADER, dtype=torch.int64, device=self.comm)  # a batch is always followed by a header
+        self._header = (nxt, dist.irecv(nxt, src))
         for w in works:
             w.wait()
         return tuple(None if b is None else b[0].to(self.device, b[1]) for b in bufs)
@@ -337,14 +366,15 @@ class ProcessEngine(Engine):
         mine = self._pipeline(first_inputs, max_steps)
         t2 = time.perf_counter()
         got = [None] * self.world
-        dist.gather_object((None, 0.0, None), got, dst=0)
+        dist.gather_object((None, 0.0, None, None), got, dst=0)
         for r in range(1, self.world):
-            scalars, busy, state = got[r]
+            scalars, busy, state, _ = got[r]
             if len(scalars) != len(mine):
                 raise RuntimeError(f"stage {r + 1} trained on {len(scalars)} batches, stage 1 on {len(mine)}")
             self._load(r, state)
             self.busy[r] = busy
-        self.timing = {"pipeline_s": t2 - t1, "sync_s": (t1 - t0) + (time.perf_counter() - t2)}
+        self.timing = {"pipeline_s": t2 - t1, "sync_s": (t1 - t0) + (time.perf_counter() - t2),
+                       "peak_mb": [_peak_mb(self.device), *(g[3] for g in got[1:])]}
         out = []
         for b, s in enumerate(mine):
             for r in range(1, self.world):
@@ -362,7 +392,7 @@ class ProcessEngine(Engine):
             self._load(self.rank, msg[0])
             self.busy = [0.0] * self.world
             scalars = self._pipeline(None, None)
-            dist.gather_object((scalars, self.busy[self.rank], self._state(self.rank)), None, dst=0)
+            dist.gather_object((scalars, self.busy[self.rank], self._state(self.rank), _peak_mb(self.device)), None, dst=0)
 
 
 def build_process_engine(rule, optimizer, k: int, sample, checked_stages) -> ProcessEngine:

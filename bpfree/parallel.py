@@ -132,7 +132,7 @@ class Engine:
     def describe(self) -> dict:
         """What the record says about the schedule (timing.parallel)."""
         return {"backend": self.backend, "stages": len(self.stages), "world_size": 1,
-                "parts": [s.parts for s in self.stages]}
+                "parts": [s.parts for s in self.stages], "last_epoch_stage_busy_s": list(self.busy)}
 
     def _run_stage(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
         t0 = time.perf_counter()

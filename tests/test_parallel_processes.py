@@ -17,8 +17,9 @@ from bpfree.parallel import CannotStage
 from run import run
 from tests.conftest import CACHE, ROOT, data_root
 
-# AL's MNIST MLP at a tenth of its width, folded into 2 components: 12 steps of 64 per epoch
-AL = ["method=al", "model=mlp1024", "model.hidden=[48,48,160,48,48]", "data.subset=768", "data.test_subset=300",
+# AL's MNIST MLP at a tenth of its width, folded into 2 components: 11 steps of 64 and a last one of 36
+# per epoch (the short batch travels with its own header)
+AL = ["method=al", "model=mlp1024", "model.hidden=[48,48,160,48,48]", "data.subset=740", "data.test_subset=300",
       "trainer.epochs=2", "trainer.batch_size=64", "optim.lr=1e-3", "trainer.num_threads=1"]
 PROC = ["trainer.parallel=processes", "trainer.stages=2"]
 
@@ -47,8 +48,10 @@ def test_processes_al_equals_sequential_al_and_resumes(compose_run, tmp_path):
     proc, w_proc = _run(compose_run, tmp_path, "proc", PROC)
     _same(w_seq, w_proc)
     assert _curve(proc) == _curve(seq) and "train_acc" not in proc["metrics"]["final"]
-    assert proc["timing"]["parallel"] == {"backend": "processes", "stages": 2, "world_size": 2,
-                                          "parts": [[0], [1]], "dist_backend": "gloo"}
+    par = proc["timing"]["parallel"]
+    assert {k: par[k] for k in ("backend", "stages", "world_size", "parts", "dist_backend")} == {
+        "backend": "processes", "stages": 2, "world_size": 2, "parts": [[0], [1]], "dist_backend": "gloo"}
+    assert len(par["peak_mb_per_stage"]) == 2 and all(b > 0 for b in par["last_epoch_stage_busy_s"])
     assert proc["config"]["trainer"]["parallel"] == "processes"
 
     extra = [*PROC, f"records_dir={tmp_path / 'r2'}"]
