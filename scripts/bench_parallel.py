@@ -70,7 +70,8 @@ def _train(c, data, steps: int) -> dict:
         wall = time.perf_counter() - t0
         busy = list(b.engine.busy)
         timing = getattr(b.engine, "timing", {})  # processes: pipeline_s (the batches) and sync_s (state moves)
-        wall, extra = timing.get("pipeline_s", wall), ({"sync_s": timing["sync_s"]} if timing else {})
+        wall = timing.get("pipeline_s", wall)
+        extra = {"sync_s": timing["sync_s"], "peak_mb_per_stage": timing["peak_mb"]} if timing else {}
     else:
         t0 = time.perf_counter()
         for x, y in chosen:

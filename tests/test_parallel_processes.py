@@ -76,7 +76,7 @@ def test_processes_refuse_what_cannot_run(compose_run, monkeypatch):
     with pytest.raises(CannotStage, match="trainer.stages=3 but the rule has 2"):
         run(compose_run([*AL, "trainer.parallel=processes", "trainer.stages=3"]))
     with pytest.raises(CannotStage, match="has no stages"):
-        run(compose_run(["data.subset=64", "trainer.epochs=1", *PROC]))
+        run(compose_run(["data.subset=64", "trainer.epochs=1", "trainer.parallel=processes", "trainer.stages=1"]))
 
 
 def test_torchrun_world_size_2(compose_run, tmp_path):
@@ -93,3 +93,14 @@ def test_torchrun_world_size_2(compose_run, tmp_path):
     records = list(Path(tmp_path / "records").rglob("tr.json"))
     assert len(records) == 1  # rank 1 serves its stage and writes nothing
     assert json.loads(records[0].read_text())["timing"]["parallel"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_three_stage_processes_pass_messages_through_a_middle_rank(compose_run, tmp_path):
+    """AL folded into 3 components on 3 processes: rank 1 receives from rank 0 and sends on to rank 2."""
+    three = ["model.hidden=[48,48,48,160,48,48,48]", "data.subset=300", "trainer.epochs=1", "trainer.stages=3"]
+    seq, w_seq = _run(compose_run, tmp_path, "seq3", [*three, "trainer.parallel=sequential"])
+    proc, w_proc = _run(compose_run, tmp_path, "proc3", [*three, "trainer.parallel=processes"])
+    assert proc["timing"]["parallel"]["world_size"] == 3 and proc["timing"]["parallel"]["parts"] == [[0], [1], [2]]
+    _same(w_seq, w_proc)
+    assert _curve(proc) == _curve(seq)
