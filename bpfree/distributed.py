@@ -124,6 +124,11 @@ def stage_processes(c: dict):
     device = _device_of(c)
     backend = dist_backend(c["trainer"]["dist_backend"], device)
     ctx = None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", k)) if under_torchrun() else k  # processes on this machine
+    if backend == "nccl" and torch.cuda.device_count() < local:
+        raise CannotStage(f"trainer.dist_backend=nccl needs one GPU per stage process: {local} processes on this "
+                          f"machine, {torch.cuda.device_count()} GPU(s); use fewer stages per machine, or "
+                          "trainer.dist_backend=gloo")
     if under_torchrun():
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if world != k:
@@ -273,6 +278,8 @@ class ProcessEngine(Engine):
             if t is None:
                 head.append(-1)
                 continue
+            if t.dtype not in DTYPES:
+                raise ValueError(f"a stage sends a {t.dtype} tensor; the processes backend sends {DTYPES}")
             head += [DTYPES.index(t.dtype), t.dim(), *t.shape]
             payload.append(t.detach().to(self.comm, torch.uint8 if t.dtype == torch.bool else t.dtype).contiguous())
         if len(head) > HEADER:
