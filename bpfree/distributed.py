@@ -402,10 +402,13 @@ class ProcessEngine(Engine):
             dist.gather_object((scalars, self.busy[self.rank], self._state(self.rank), _peak_mb(self.device)), None, dst=0)
 
 
-def build_process_engine(rule, optimizer, k: int, sample, checked_stages) -> ProcessEngine:
-    """This process's engine; rank 0 balances the stages (measured cost) and the others use its partition."""
+def build_process_engine(rule, stages, optimizer) -> ProcessEngine:
+    """This process's engine, from the stages bpfree.parallel.build_engine checked. Every rank must cut the
+    rule where rank 0 did, and measured costs differ between processes: a rank whose cut differs takes rank
+    0's (`stage_defs(groups=...)`), and a rule that cannot take it is refused."""
     from bpfree.parallel import StagedOptimizers
 
+    k = len(stages)
     if not dist.is_initialized():
         raise CannotStage("trainer.parallel=processes needs its process group: run it through run.py (which spawns "
                           "one process per stage) or torchrun (bpfree.distributed.stage_processes)")
@@ -414,17 +417,13 @@ def build_process_engine(rule, optimizer, k: int, sample, checked_stages) -> Pro
         raise CannotStage(f"the process group has {world} processes but trainer.stages={k}; one process per stage")
     device = next(iter(rule.parameters())).device
     backend = dist.get_backend()
-    # every rank must cut the rule where rank 0 did (measured costs differ between processes): a rule whose
-    # stage_defs takes `groups` gets rank 0's partition; another one must cut the same way on every rank
-    takes_groups = "groups" in inspect.signature(rule.stage_defs).parameters
-    stages = checked_stages(rule, k, sample, True, None) if rank == 0 or not takes_groups else None
-    parts = [[s.parts for s in stages] if rank == 0 else None]
+    parts = [[s.parts for s in stages]]
     dist.broadcast_object_list(parts, src=0, device=_comm_device(backend, device))
-    if rank != 0 and takes_groups:
-        stages = checked_stages(rule, k, None, True, parts[0])
     if [s.parts for s in stages] != parts[0]:
-        raise CannotStage(f"{type(rule).__name__}.stage_defs cut stage {rank + 1} differently from rank 0 "
-                          f"({[s.parts for s in stages]} vs {parts[0]}); give stage_defs a `groups` argument "
-                          "(the partition rank 0 chose) to run it over processes")
+        if "groups" not in inspect.signature(rule.stage_defs).parameters:
+            raise CannotStage(f"{type(rule).__name__}.stage_defs cut the rule differently on rank {rank} "
+                              f"({[s.parts for s in stages]}) than on rank 0 ({parts[0]}); give it a `groups` "
+                              "argument (the partition rank 0 chose) to run it over processes")
+        stages = rule.stage_defs(k, None, concurrent=True, groups=parts[0])  # the same cut: rank 0 checked it
     return ProcessEngine(stages, StagedOptimizers(optimizer, stages), "processes", rank=rank, world=world,
                          device=device, dist_backend=backend, owned=stage_state(rule, stages))

@@ -216,27 +216,19 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
                           "backward pass; use trainer.parallel=null. Staged rules: those with local losses (al)")
     if backend not in BACKENDS:
         raise CannotStage(f"unknown trainer.parallel={backend!r}; valid: null, {', '.join(BACKENDS)}")
-    if backend == "processes":
-        from bpfree.distributed import build_process_engine
-
-        return build_process_engine(rule, optimizer, k, sample, checked_stages)
-    stages = checked_stages(rule, k, sample, backend == "threads")
-    if backend == "threads":
-        torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
-    return Engine(stages, StagedOptimizers(optimizer, stages), backend)
-
-
-def checked_stages(rule, k: int, sample: tuple | None, concurrent: bool, groups: list[list[int]] | None = None):
-    """rule.stage_defs, refusing stages that leave a parameter untrained. `groups` (StageDef.parts, as another
-    process balanced them) skips the cost measurement."""
     import copy
 
     kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics
-    extra = {} if groups is None else {"groups": groups}
-    stages = rule.stage_defs(k, sample, concurrent=concurrent, **extra)
+    stages = rule.stage_defs(k, sample, concurrent=backend != "sequential")
     rule.load_state_dict(kept)
     covered = {id(p) for s in stages for p in s.params}
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         raise CannotStage(f"{type(rule).__name__}'s stages leave parameters untrained: {missing[:5]}")
-    return stages
+    if backend == "processes":  # one process per stage, this one trains one of them: bpfree/distributed.py
+        from bpfree.distributed import build_process_engine
+
+        return build_process_engine(rule, stages, optimizer)
+    if backend == "threads":
+        torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
+    return Engine(stages, StagedOptimizers(optimizer, stages), backend)
