@@ -17,11 +17,8 @@ weights). The loop (bpfree/train.py) asks only for this interface, never for a r
 own parameters while others run (`stage_defs(..., concurrent=True)`): AL's training-batch accuracy, which
 decodes through every component, is therefore not reported by the threads backend (test accuracy is).
 
-- `processes`: one process per stage over torch.distributed (gloo on CPU, NCCL on GPUs; spawned by run.py
-  or launched by torchrun, one or several machines): bpfree/distributed.py.
-
-Not here (yet): rules whose stages send messages backwards (synthetic gradients), which would add
-staleness to record.
+Not here (yet): the `processes` backend (torch.distributed, one process per stage) and rules whose stages
+send messages backwards (synthetic gradients), which would add staleness to record.
 """
 from __future__ import annotations
 
