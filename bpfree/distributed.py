@@ -294,6 +294,8 @@ class ProcessEngine(Engine):
         # at most queue_size batches in flight forward; backward messages are bounded by the staleness
         # (the stage below takes one per batch) and are never waited for here: a gloo send completes once
         # its receiver has posted the receive, and the stage below may be waiting on this stage's forward
+        while pending and all(w.is_completed() for w in pending[0][0]):
+            pending.popleft()  # sent: its tensors may go
         while dst > self.rank and len(pending) > self.queue_size:
             for w in pending.popleft()[0]:
                 w.wait()
