@@ -86,7 +86,8 @@ def draw_lines(path: Path, grid: list[list[dict | None]], *, title: str, xlabel:
         def color(slot):
             return cmap(slot / max(n_slots - 1, 1)) if sequential else cmap(slot % cmap.N)
 
-        size = (max(7.0, 4.6 * n_c) + (0.06 * max(map(len, slots.values())) + 0.6 if shared else 0), max(4.2, 2.6 * n_r, 0.12 * len(slots) + 1 if shared else 0))
+        legend_w = 0.06 * max(map(len, slots.values())) + 0.6 if shared else 0.0  # inches, fontsize 6
+        size = (max(7.0, 4.6 * n_c) + legend_w, max(4.2, 2.6 * n_r, 0.12 * len(slots) + 1 if shared else 0))
         fig, axes = plt.subplots(n_r, n_c, figsize=size, squeeze=False, layout="constrained")
         for i, prow in enumerate(grid):
             for j in range(n_c):
@@ -318,8 +319,9 @@ def _line_data(fig: dict, spec: dict, records: list[dict], where: str):
                 if not by_x:
                     continue
                 n = max(len(v) for v in by_x.values())
-                xs = sorted(x for x in by_x if len(by_x[x]) == n)  # a point every seed reached
-                ys = [scale * sum(by_x[x]) / n for x in xs]
+                # curves: the epochs every seed reached; versus: every x, each its own seeds
+                xs = sorted(x for x in by_x if fig["kind"] == "versus" or len(by_x[x]) == n)
+                ys = [scale * sum(by_x[x]) / len(by_x[x]) for x in xs]
                 err = [scale * _std(by_x[x]) for x in xs] if fig["kind"] == "versus" else None
                 items.append({"label": " / ".join(name(v) for v in lv), "slot": slot, "n": n, "x": xs, "y": ys,
                               "err": err})
@@ -356,9 +358,10 @@ def _select(fig: dict, spec: dict, records: list[dict], where: str) -> list[dict
     return records
 
 
-def render(paper: str, table: str, spec: dict, records: list[dict], out_dir) -> list[Path]:
+def render(paper: str, table: str, spec: dict, records: list[dict], out_dir, draw: bool = True) -> list[Path]:
     """Draw every figure of one table from its records (status ok, one per seed); returns the PNGs
-    written. A table without records draws nothing; a spec naming what does not exist raises."""
+    written. A table without records draws nothing; a spec naming what does not exist raises.
+    draw=False: gather every figure's data and check it, write nothing (a fast check of the specs)."""
     figs = figures_of(spec)
     seen = set()
     for i, fig in enumerate(figs):
@@ -367,19 +370,20 @@ def render(paper: str, table: str, spec: dict, records: list[dict], out_dir) -> 
         if fig["name"] in seen:
             raise FigureSpecError(f"{where}: two figures share the name {fig['name']!r}")
         seen.add(fig["name"])
-    written = []
+    todo = []  # every figure's data first, so that a bad spec fails before anything is written
     for fig in figs:
         where = f"experiments/{paper}/tables.yaml: {table}: figure {fig['name']!r}"
         recs = _select(fig, spec, records, where)
-        if not recs:
-            continue
+        grid = (_scatter_data if fig["kind"] == "scatter" else _line_data)(fig, spec, recs, where) if recs else None
+        if grid is not None:
+            todo.append((fig, recs, grid))
+    written = []
+    for fig, recs, grid in todo:
         path = Path(out_dir) / (f"{paper}__{table}" + (f"__{fig['name']}" if fig["name"] else "") + ".png")
         title = f"{paper} {table}: {fig.get('title', fig['name'])}"
         if fig["kind"] == "scatter":
-            written.append(_scatter(fig, spec, recs, path, title, where))
-            continue
-        grid = _line_data(fig, spec, recs, where)
-        if grid is None:
+            title += f" ({len(grid[0][0]['c'])} points, scale {recs[0]['scale']})"
+            written.append(draw_scatter(path, grid, title=title) if draw else path)
             continue
         if fig["kind"] == "curves":
             xlabel, ylabel = fig.get("xlabel", "epoch"), fig.get("ylabel", ", ".join(fig["keys"]))
@@ -387,7 +391,7 @@ def render(paper: str, table: str, spec: dict, records: list[dict], out_dir) -> 
             xlabel = fig.get("xlabel", fig.get("x", "column"))
             ylabel = fig.get("ylabel", fig.get("metric") or " ".join(fig["keys"]))
         hline = fig.get("hline")
-        written.append(draw_lines(
+        written.append(path if not draw else draw_lines(
             path, grid, title=title, xlabel=xlabel, ylabel=ylabel, ylim=fig.get("ylim"),
             hline=None if hline is None else hline * (100.0 if fig.get("percent") else 1.0),
             hline_label=fig.get("hline_label"),
@@ -396,7 +400,8 @@ def render(paper: str, table: str, spec: dict, records: list[dict], out_dir) -> 
     return written
 
 
-def _scatter(fig: dict, spec: dict, records: list[dict], path: Path, title: str, where: str) -> Path:
+def _scatter_data(fig: dict, spec: dict, records: list[dict], where: str) -> list[list[dict]]:
+    """A panel per (row, layer) of the .npz each record names (the lowest seed of a row)."""
     key = fig.get("data", "features")
     labels = {**{str(k): v for k, v in (spec.get("labels") or {}).items()},
               **{str(k): v for k, v in (fig.get("labels") or {}).items()}}
@@ -405,7 +410,7 @@ def _scatter(fig: dict, spec: dict, records: list[dict], path: Path, title: str,
         if r.get(key) is None:
             raise FigureSpecError(f"{where}: record {r['name']} has no {key!r} (the .npz of its embedding); "
                                   f"its keys: {', '.join(sorted(r))}")
-        by_row.setdefault(r["row"], r)  # the lowest seed
+        by_row.setdefault(r["row"], r)
     grid = []
     for row in _order(list(by_row), spec.get("rows", [])):
         r = by_row[row]
@@ -413,8 +418,6 @@ def _scatter(fig: dict, spec: dict, records: list[dict], path: Path, title: str,
             raise FileNotFoundError(f"{where}: record {r['name']}'s {key} file {r[key]} does not exist (run from the "
                                     "repository root; the producer of that file writes it)")
         d = np.load(r[key])
-        prow = [{"title": f"{labels.get(row, row)}: {labels.get(str(layer), layer)}",
-                 "xy": d[f"emb_{layer}"].astype(np.float32), "c": d["y"]} for layer in d["layers"]]
-        grid.append(prow)
-    n = len(grid[0][0]["c"])
-    return draw_scatter(path, grid, title=f"{title} ({n} points, scale {records[0]['scale']})")
+        grid.append([{"title": f"{labels.get(row, row)}: {labels.get(str(layer), layer)}",
+                      "xy": d[f"emb_{layer}"].astype(np.float32), "c": d["y"]} for layer in d["layers"]])
+    return grid
