@@ -6,7 +6,8 @@ row / column / scale) and, when its spec lists `diagnostics` (per-epoch key pref
 figure (`__diagnostics.png`: a panel per key and column, a line per row). A spec's `figures:` adds more,
 each written to results/tables/<paper>__<table>__<name>.png. Kinds and their keys:
 
-  curves   a per-epoch value vs epoch.      keys: [per-epoch keys; one ending in '/' or '_' is a prefix]
+  curves   a per-epoch value vs epoch.      keys: [per-epoch keys; one ending in '/' or '_' is a prefix];
+           optional: true draws nothing (instead of failing) when no record has them
   versus   a value vs a number, mean ± std over seeds (error bars).
            metric: <a metric of the records' `select` (best|final) block>, or keys: [...] (last epoch);
            x: column (the table's columns, numeric) | block (the integer in the layer name's first
