@@ -30,7 +30,6 @@ loop's NLL test_loss is defined (it is not what AL minimises).
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 
@@ -38,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.models import blocks as model_blocks
+from bpfree.models import surgery
+from bpfree.models.surgery import blocks as model_blocks
 from bpfree.models.init import he_normal_
 from bpfree.models.mlp import ACTIVATIONS
 from bpfree.registry import RULES
@@ -49,14 +49,7 @@ _ACTS = (nn.ReLU, nn.ELU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.LogSoftmax, nn.Softma
 
 
 def _swap_activations(module: nn.Module, make) -> int:
-    n = 0
-    for name, child in module.named_children():
-        if isinstance(child, _ACTS):
-            setattr(module, name, make())
-            n += 1
-        else:
-            n += _swap_activations(child, make)
-    return n
+    return len(surgery.swap(module, lambda m: isinstance(m, _ACTS), lambda m: make()))
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -177,7 +170,7 @@ class AssociatedLearning(LearningRule):
         fold, used = [], []
         for group in components:
             pats = [group] if isinstance(group, str) else list(group)
-            got = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+            got = surgery.match(names, pats)
             if not got:
                 raise ValueError(f"al component {pats} matches no block of {model_name}; blocks: {names}")
             fold.append(got)
@@ -189,16 +182,10 @@ class AssociatedLearning(LearningRule):
 
     # ---- the pieces of the fold -------------------------------------------------------------
     def _entry(self, x: torch.Tensor) -> torch.Tensor:
-        # models whose first block is a Linear (the MLP) flatten the image in forward(), outside blocks
-        first = next(iter(model_blocks(self.model).values()))
-        lead = next((m for m in first.modules() if not isinstance(m, nn.Sequential)), None)
-        return x.flatten(1) if isinstance(lead, nn.Linear) and x.dim() > 2 else x
+        return surgery.entry(self.model, x)
 
     def _run(self, names, z):
-        blocks = model_blocks(self.model)
-        for n in names:
-            z = blocks[n](z)
-        return z
+        return surgery.run_blocks(self.model, names, z)
 
     def _f(self, i: int, s):  # f_i, i = 1..L
         return self._run(self.fold[i - 1], s)
@@ -325,9 +312,7 @@ class AssociatedLearning(LearningRule):
         return stages
 
     # ---- LearningRule interface ---------------------------------------------------------------
-    def train_step(self, x, y, optimizer):
-        self._check_optimizer(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+    def compute_grads(self, x, y):
         s, t = self._entry(x), self._targets(y)
         total, out = 0.0, {}
         for i in range(1, len(self.fold) + 1):
@@ -337,19 +322,31 @@ class AssociatedLearning(LearningRule):
         # one backward of the sum = each component's own backward: the boundaries are detached, so
         # d(total)/d(theta_i) = d(local_i)/d(theta_i) exactly (tested)
         total.backward()
-        optimizer.step()
-        with torch.no_grad():  # eq. 8 on this batch, from the top bridge output already computed
-            acc = (self._decode(s_bridged).argmax(1) == y).float().mean()
-        out["loss"] = total.detach()   # the sum of the local objectives: what AL minimises
-        out["acc"] = acc               # training-batch accuracy of eq. 8 (Table 6's train accuracy)
+        with torch.no_grad():  # the task loss of eq. 8 (predict) on this batch, before the step: decoders only
+            out["loss"] = self.loss_fn(self._log_probs(self._decode(s_bridged)), y)
+        out["local_loss"] = total.detach()   # the sum of the local objectives: what AL minimises
+        self._s_bridged = s_bridged.detach()
         return out
+
+    def train_step(self, x, y, optimizer):
+        self._check_optimizer(optimizer)
+        out = super().train_step(x, y, optimizer)
+        s_bridged, self._s_bridged = self._s_bridged, None
+        with torch.no_grad():  # eq. 8 on this batch with the just-updated decoders, from the top bridge output
+            out["acc"] = (self._decode(s_bridged).argmax(1) == y).float().mean()  # Table 6's train accuracy
+        return out
+
+    @staticmethod
+    def _log_probs(y_hat):
+        """eq. 8's y_hat in (0, 1)^classes -> log(y_hat / sum(y_hat)): log-probabilities, same argmax."""
+        y_hat = y_hat.clamp_min(1e-12)
+        return torch.log(y_hat / y_hat.sum(1, keepdim=True))
 
     def predict(self, x):
         s = self._entry(x)
         for i in range(1, len(self.fold) + 1):
             s = self._f(i, s)
-        y_hat = self._decode(self._bridge(len(self.fold), s)).clamp_min(1e-12)  # eq. 8
-        return torch.log(y_hat / y_hat.sum(1, keepdim=True))
+        return self._log_probs(self._decode(self._bridge(len(self.fold), s)))  # eq. 8
 
     @torch.no_grad()
     def diagnostics(self, x, y):

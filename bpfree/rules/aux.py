@@ -217,11 +217,13 @@ class AuxiliaryActivations(LearningRule):
         terms = self.layer_losses(zs, y)
         optimizer.zero_grad(set_to_none=True)
         sum(terms).backward()
+        with torch.no_grad():  # the task loss of the prediction (the ordinary chain from x), before the step:
+            task = self.loss_fn(self.model(x), y)  # one more forward, no graph (terms[-1] starts from z_{T-1})
         optimizer.step()
         if self.z_lr > 0:
             with torch.no_grad():
                 self._step_z(idx, [z.grad * len(idx) for z in zs[1:]])  # x B: d l_i / d z_i, not of the mean
-        out = {"loss": terms[-1].detach(), "hidden_loss": sum(terms[:-1]).detach()}
+        out = {"loss": task, "output_loss": terms[-1].detach(), "hidden_loss": sum(terms[:-1]).detach()}
         if self._twin is not None:
             out["bp_loss"] = self._twin_step(x, y, optimizer)
         return out

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.alignment import gradient_angles, layer_names, saved_grads, true_gradients
-from bpfree.models import blocks as model_blocks
+from bpfree.alignment import grad_alignment, rule_and_true_grads
+from bpfree.models.surgery import blocks as model_blocks, layer_names
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
 from bpfree.models.encoder import Stage
@@ -115,20 +115,20 @@ class ChainRule(LearningRule):
         raise NotImplementedError
 
     def compute_grads(self, x, y):
-        total, out, _ = self.local_losses(x, y)
-        total.backward()
-        return out
+        return self._backward(x, y, {})
 
-    @torch.enable_grad()
     def diagnostics(self, x, y) -> dict[str, float]:
         weights = {n: m.weight for n, m in layer_names(self.model).items()}
-        with saved_grads(self.parameters()):
-            total, _, shifts = self.local_losses(x, y)
-            total.backward()
-            mine = {n: (torch.zeros_like(w) if w.grad is None else w.grad.clone()) for n, w in weights.items()}
-        true = true_gradients(self.loss_fn(self.model(x), y), weights)
-        out = gradient_angles(mine, true)
+        shifts = {}
+        # the angles of the local losses' own gradient (E's copies of W.grad do not matter here)
+        out = grad_alignment(*rule_and_true_grads(self, x, y, weights, step=lambda: self._backward(x, y, shifts)))
         out.update({f"target_shift/{k}": v for k, v in shifts.items()})
+        return out
+
+    def _backward(self, x, y, shifts: dict):
+        total, out, got = self.local_losses(x, y)
+        total.backward()
+        shifts.update(got)
         return out
 
     def param_counts(self):

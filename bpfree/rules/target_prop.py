@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bpfree.alignment import gradient_angles, saved_grads, true_gradients
+from bpfree.alignment import grad_alignment, rule_and_true_grads
 from bpfree.models.mlp import ACTIVATIONS
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
@@ -79,14 +79,9 @@ class LayerwiseRule(LearningRule):
         total.backward()
         return out
 
-    @torch.enable_grad()
     def diagnostics(self, x, y) -> dict[str, float]:
         weights = {n: lin.weight for n, (lin, _) in zip(self.names, self.pairs)}
-        with saved_grads(self.parameters()):
-            self.compute_grads(x, y)
-            mine = {n: w.grad.clone() for n, w in weights.items()}
-        true = true_gradients(self.loss_fn(self.model(x), y), weights)
-        return gradient_angles(mine, true)
+        return grad_alignment(*rule_and_true_grads(self, x, y, weights))
 
     def param_counts(self):
         total = sum(p.numel() for p in self.parameters() if p.requires_grad)
