@@ -7,9 +7,15 @@ nn.Module protocol (state_dict, .to, .train/.eval). It never asks which rule it 
   matrices) keep the default step and rewire the backward pass at construction (autograd Functions,
   hooks on `model.blocks`).
 - Rules with local losses or extra modules (target propagation, associated learning, synthetic
-  gradients, auxiliary activations) override `train_step` (and `predict` where inference differs)
-  and hold their extra modules as submodules, so `.to(device)`, `state_dict()` and checkpoints
-  cover them.
+  gradients, auxiliary activations) override `compute_grads` (and `predict` where inference
+  differs; `train_step` only to add work around the fixed sequence) and hold their extra modules as
+  submodules, so `.to(device)`, `state_dict()` and checkpoints cover them.
+
+The `loss` contract: `train_step` returns `loss` = the TASK loss, `loss_fn(predict(x), y)`, of the
+rule's own prediction for this batch with the weights before the step (tests/test_contracts.py checks
+it for every registered rule). Local objectives (layer, inverse, associated, auxiliary, synthesizer
+losses) go under keys of their own (`layer_loss`, `local_loss`, `assoc{i}`, `hidden_loss`, ...), so
+`train_loss` and the loop's NaN check mean the same for every rule.
 """
 from __future__ import annotations
 
