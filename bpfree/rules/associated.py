@@ -27,6 +27,10 @@ Activations follow §5.1: `f_activation` (ELU) in the f blocks, `t_activation` (
 encoders and decoders; the rule swaps the model's activation modules at construction. y_hat lies in
 (0, 1)^classes; `predict` returns log(y_hat / sum(y_hat)), log-probabilities with the same argmax, so the
 loop's NLL test_loss is defined (it is not what AL minimises).
+
+A training step reports `loss` = that task loss of eq. 8 on the batch before the step (the LearningRule
+contract; computed from the top-bridge output the step already has, through the decoders only),
+`local_loss` = the sum of the local objectives it minimises, their parts `assoc{i}`, `ae{i}`, and `acc`.
 """
 from __future__ import annotations
 
