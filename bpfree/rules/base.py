@@ -12,9 +12,9 @@ nn.Module protocol (state_dict, .to, .train/.eval). It never asks which rule it 
   submodules, so `.to(device)`, `state_dict()` and checkpoints cover them.
 
 The `loss` contract: `train_step` returns `loss` = the TASK loss, `loss_fn(predict(x), y)`, of the
-rule's own prediction for this batch, in training mode, with the weights before the step (tests/test_contracts.py checks
-it for every registered rule). Local objectives (layer, inverse, associated, auxiliary, synthesizer
-losses) go under keys of their own (`layer_loss`, `local_loss`, `assoc{i}`, `hidden_loss`, ...), so
+rule's own prediction for this batch, in training mode, with the weights before the step
+(tests/test_contracts.py checks it for every registered rule). Local objectives (layer, inverse,
+associated, auxiliary, synthesizer losses) go under keys of their own (`layer_loss`, `local_loss`, `assoc{i}`, `hidden_loss`, ...), so
 `train_loss` and the loop's NaN check mean the same for every rule.
 """
 from __future__ import annotations
