@@ -88,5 +88,8 @@ class LearningRule(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts reported in the record. 'total' counts every trainable parameter the
-        rule owns; rules with parameters outside the inference path also report 'effective'."""
-        return {"total": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        rule owns; rules with parameters outside the inference path also report 'effective' (by
+        default: those of the model, when the rule owns more, e.g. inverses or error weights)."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        model = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"total": total} if total == model else {"total": total, "effective": model}
