@@ -10,7 +10,8 @@
   modules by short name, in module order (feedback rules' layer conversion, AL's activations).
 - `run_blocks`, `entry`: run a list of blocks on a stream; the input a model's first block expects.
 - `ablated`: blocks of a span temporarily return their input (the "ablated" scores).
-- `region_hooks`: a forward-pre-hook on a region's first block and a forward hook on its last.
+- `region_hooks`, `output_hooks`: a forward-pre-hook on a region's first block and a forward hook on
+  its last; forward hooks on named blocks.
 """
 from __future__ import annotations
 
@@ -110,6 +111,12 @@ def ablated(model: nn.Module, spec):
             b[n].__dict__.pop("forward", None)
 
 
+def output_hooks(model: nn.Module, names: Iterable[str], make: Callable[[str], Callable]) -> list:
+    """`make(name)` as a forward hook (module, args, output) of each named block. Returns the handles."""
+    b = blocks(model)
+    return [b[n].register_forward_hook(make(n)) for n in names]
+
+
 def region_hooks(model: nn.Module, spans: Iterable[tuple[str, str]], enter: Callable[[str], Callable],
                  leave: Callable[[str], Callable]) -> list:
     """For each (first, last): `enter(key)` as a forward-pre-hook of block `first` and `leave(key)` as
@@ -118,7 +125,7 @@ def region_hooks(model: nn.Module, spans: Iterable[tuple[str, str]], enter: Call
     for first, last in spans:
         key = f"{first}-{last}"
         handles.append(b[first].register_forward_pre_hook(enter(key)))
-        handles.append(b[last].register_forward_hook(leave(key)))
+        handles += output_hooks(model, [last], lambda _, key=key: leave(key))
     return handles
 
 

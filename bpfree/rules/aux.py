@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.models import surgery
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
 from bpfree.similarity import linear_cka, relative_distance
@@ -71,7 +72,7 @@ def chain_shapes(model: nn.Module) -> tuple[list[tuple[int, ...]], list[tuple[in
     if not isinstance(blocks, nn.ModuleDict) or len(blocks) < 2 or shape is None:
         raise UnsupportedModel(f"{need} (>= 2 blocks) and an input_shape; {type(model).__name__} has not")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for b in blocks.values()]
+    hooks = surgery.output_hooks(model, list(blocks), lambda _: lambda m, args, out: seen.append((args[0], out)))
     was_training = model.training
     try:
         model.eval()

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.models.surgery import block_names, blocks as model_blocks
+from bpfree.models import surgery
+from bpfree.models.surgery import block_names
 from bpfree.registry import RULES
 from bpfree.rules.feedback import FeedbackLayer, FeedbackRule, conv_grads, linear_param_grads
 
@@ -176,9 +177,9 @@ class DirectFeedbackAlignment(FeedbackRule):
         if placement == "block":
             for m in self.layers.values():
                 m.direct = False
-            for name in block_names(model)[:-1]:  # the last block (head) keeps its true gradient
-                self.block_proj[name] = _Projection()
-                model_blocks(model)[name].register_forward_hook(self._block_hook(name))
+            names = block_names(model)[:-1]  # the last block (head) keeps its true gradient
+            self.block_proj = {name: _Projection() for name in names}
+            surgery.output_hooks(model, names, self._block_hook)
 
     def _note_padding(self, model, args):
         self.hub.real = model.padding_mask(args[0])
