@@ -121,8 +121,8 @@ class DFALayer(FeedbackLayer):
             return _ConvDFA.apply(x, self.weight, self.bias, self)
         return _LinearDFA.apply(x, self.weight, self.bias, self)
 
-    def extra_repr(self):
-        return super().extra_repr().replace("sign_B=False", f"direct={self.direct}")
+    def describe(self) -> str:
+        return f"direct={self.direct}, output={self.is_output}"
 
 
 class _LinearDFA(torch.autograd.Function):

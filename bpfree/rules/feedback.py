@@ -137,11 +137,14 @@ class FeedbackLayer(nn.Module):
             return torch.sign(self.weight.detach()) * self.sign_scale
         return self.feedback
 
+    def describe(self) -> str:  # the rule's part of the repr
+        return f"sign_B={self.sign_scale is not None}"
+
     def extra_repr(self):
         if self.is_conv:
             return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                    f"stride={self.stride}, padding={self.padding}, sign_B={self.sign_scale is not None}")
-        return f"in_features={self.in_features}, out_features={self.out_features}, sign_B={self.sign_scale is not None}"
+                    f"stride={self.stride}, padding={self.padding}, {self.describe()}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
 
 
 class FeedbackLinear(FeedbackLayer):
