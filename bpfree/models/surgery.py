@@ -134,10 +134,14 @@ def named_layers(model: nn.Module, predicate: Predicate) -> dict[str, nn.Module]
     """Short, stable names for the modules `predicate` selects, in module order: 'blocks.' is dropped,
     and a block holding a single such module is named by the block alone (MLP l1..l5, CNN c1..out,
     ResNet stem, s1b1.conv1, ..., head)."""
-    found = [(n, m) for n, m in model.named_modules() if n and predicate(m)]
-    short = [n[len("blocks."):] if n.startswith("blocks.") else n for n, _ in found]
+    return _shorten({n: m for n, m in model.named_modules() if n and predicate(m)})
+
+
+def _shorten(found: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Full module paths -> short names (named_layers), order kept."""
+    short = [n[len("blocks."):] if n.startswith("blocks.") else n for n in found]
     heads = [s.split(".")[0] for s in short]
-    return {(h if heads.count(h) == 1 else s): m for s, h, (_, m) in zip(short, heads, found)}
+    return {(h if heads.count(h) == 1 else s): m for s, h, m in zip(short, heads, found.values())}
 
 
 def layer_names(model: nn.Module, kinds=(nn.Linear, nn.Conv2d)) -> dict[str, nn.Module]:
@@ -161,6 +165,4 @@ def swap(model: nn.Module, predicate: Predicate, make: Callable[[nn.Module], nn.
                 visit(child, f"{prefix}{child_name}.")
 
     visit(model, "")
-    short = [n[len("blocks."):] if n.startswith("blocks.") else n for n in names]
-    heads = [s.split(".")[0] for s in short]
-    return {(h if heads.count(h) == 1 else s): m for s, h, m in zip(short, heads, names.values())}
+    return _shorten(names)

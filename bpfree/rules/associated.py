@@ -28,9 +28,11 @@ encoders and decoders; the rule swaps the model's activation modules at construc
 (0, 1)^classes; `predict` returns log(y_hat / sum(y_hat)), log-probabilities with the same argmax, so the
 loop's NLL test_loss is defined (it is not what AL minimises).
 
-A training step reports `loss` = that task loss of eq. 8 on the batch before the step (the LearningRule
-contract; computed from the top-bridge output the step already has, through the decoders only),
-`local_loss` = the sum of the local objectives it minimises, their parts `assoc{i}`, `ae{i}`, and `acc`.
+A training step reports `loss` = that task loss of eq. 8 on the batch (the LearningRule contract;
+computed as `acc` is, from the step's own top-bridge output through the just-updated decoders:
+`loss_straddles_step`), and the local objectives it minimises under their own keys `assoc{i}`,
+`ae{i}`. Pipelined over threads (stage_defs(concurrent=True)) eq. 8 is not defined mid-step: there
+`loss` is the sum of the local objectives and `acc` is not reported.
 """
 from __future__ import annotations
 
@@ -298,13 +300,13 @@ class AssociatedLearning(LearningRule):
                     total = total + assoc + ae + self.l2_penalty(i)
                     out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
                 total.backward()
-                out["loss"] = total.detach()  # this stage's share; the engine sums the stages' shares
+                if concurrent:  # eq. 8's task loss needs every stage's decoder at once: the stages' shares
+                    out["loss"] = total.detach()  # of the local objectives (summed by the engine) stand in
                 last["s_bridged"], last["y"] = s_bridged.detach(), y
                 return (s.detach(), t.detach(), y), out
 
-            @torch.no_grad()
-            def accuracy():  # eq. 8 on this batch with the just-updated decoders, as train_step
-                return {"acc": (self._decode(last["s_bridged"]).argmax(1) == last["y"]).float().mean()}
+            def accuracy():  # eq. 8's loss and accuracy on this batch with the just-updated decoders, as train_step
+                return self.eq8_scalars(last["s_bridged"], last["y"])
 
             return forward_backward, (accuracy if comps[-1] == L and not concurrent else None)
 
@@ -316,19 +318,21 @@ class AssociatedLearning(LearningRule):
         return stages
 
     # ---- LearningRule interface ---------------------------------------------------------------
+    # `loss` is eq. 8's task loss measured as `acc` is: from the step's own top-bridge output through the
+    # just-updated decoders (a pipelined step, stage_defs, has updated the lower components' decoders
+    # before its last stage runs, so this is what both schedules can report, identically)
+    loss_straddles_step = True
+
     def compute_grads(self, x, y):
         s, t = self._entry(x), self._targets(y)
         total, out = 0.0, {}
         for i in range(1, len(self.fold) + 1):
             assoc, ae, s, t, s_bridged = self.local_objective(i, s, t)
             total = total + assoc + ae + self.l2_penalty(i)
-            out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
+            out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()  # the local objectives
         # one backward of the sum = each component's own backward: the boundaries are detached, so
         # d(total)/d(theta_i) = d(local_i)/d(theta_i) exactly (tested)
         total.backward()
-        with torch.no_grad():  # the task loss of eq. 8 (predict) on this batch, before the step: decoders only
-            out["loss"] = self.loss_fn(self._log_probs(self._decode(s_bridged)), y)
-        out["local_loss"] = total.detach()   # the sum of the local objectives: what AL minimises
         self._s_bridged = s_bridged.detach()
         return out
 
@@ -336,9 +340,14 @@ class AssociatedLearning(LearningRule):
         self._check_optimizer(optimizer)
         out = super().train_step(x, y, optimizer)
         s_bridged, self._s_bridged = self._s_bridged, None
-        with torch.no_grad():  # eq. 8 on this batch with the just-updated decoders, from the top bridge output
-            out["acc"] = (self._decode(s_bridged).argmax(1) == y).float().mean()  # Table 6's train accuracy
-        return out
+        return out | self.eq8_scalars(s_bridged, y)
+
+    @torch.no_grad()
+    def eq8_scalars(self, s_bridged, y) -> dict[str, torch.Tensor]:
+        """eq. 8 on a training batch from its top-bridge output (computed by the step, so only the
+        decoders run): `loss`, the task loss of the prediction, and `acc` (Table 6's train accuracy)."""
+        y_hat = self._decode(s_bridged)
+        return {"loss": self.loss_fn(self._log_probs(y_hat), y), "acc": (y_hat.argmax(1) == y).float().mean()}
 
     @staticmethod
     def _log_probs(y_hat):

@@ -12,8 +12,9 @@ nn.Module protocol (state_dict, .to, .train/.eval). It never asks which rule it 
   submodules, so `.to(device)`, `state_dict()` and checkpoints cover them.
 
 The `loss` contract: `train_step` returns `loss` = the TASK loss, `loss_fn(predict(x), y)`, of the
-rule's own prediction for this batch, in training mode, with the weights before the step
-(tests/test_contracts.py checks it for every registered rule). Local objectives (layer, inverse,
+rule's own prediction for this batch, in training mode, with the weights before the step (a rule
+that measures it partly after the step sets `loss_straddles_step`; tests/test_contracts.py checks it
+for every registered rule). Local objectives (layer, inverse,
 associated, auxiliary, synthesizer losses) go under keys of their own (`layer_loss`, `local_loss`, `assoc{i}`, `hidden_loss`, ...), so
 `train_loss` and the loop's NaN check mean the same for every rule.
 """
@@ -36,6 +37,10 @@ class LearningRule(nn.Module):
     # Rules with per-example state (auxiliary activations) set this: the loop then batches with each
     # example's index and calls train_step(x, y, optimizer, idx=idx), idx (B,) int64 rows of the train split.
     wants_indices: bool = False
+    # True: train_step's `loss` is measured partly with the weights the step has just updated (AL: eq. 8
+    # through the step's own top-bridge output and the updated decoders, all a pipelined step can
+    # measure); it equals loss_fn(predict(x), y) exactly when the step leaves the weights unchanged
+    loss_straddles_step: bool = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
