@@ -55,3 +55,70 @@ def test_stages_are_balanced_by_cost_and_bad_requests_are_refused(compose_run):
         run(compose_run([*AL, "trainer.parallel=threads", "trainer.stages=3"]))
     with pytest.raises(CannotStage, match="bp.*no stages|Backprop.*no stages|has no stages"):
         run(compose_run(["trainer.parallel=threads", "data.subset=64", "trainer.epochs=1"]))
+
+
+# ---- the synthetic-gradient family and local_supervised (bpfree/rules/synthetic.py: stage_defs)
+SG = ["model=mlp_depth", "model.depth=3", "model.width=32", "data.subset=640", "data.test_subset=300",
+      "trainer.epochs=2", "trainer.batch_size=64", "optim=adam", "optim.lr=1e-3", "trainer.num_threads=1"]
+
+
+def _sg(compose_run, tmp_path, name, method, extra):
+    import torch as t
+
+    rec = run(compose_run([*SG, *method, f"run_name={name}", f"checkpoint_dir={tmp_path / name}", *extra]))
+    return rec, t.load(tmp_path / name / "last.pt", weights_only=False)["rule"]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _curve(r, drop=("sg_staleness",)):
+    return [{k: v for k, v in e.items() if "seconds" not in k and not k.startswith(tuple(f"train_{d}" for d in drop))}
+            for e in r["metrics"]["per_epoch"]]
+
+
+@pytest.mark.parametrize("method", [
+    ["method=sg_linear", "method.split=[l1,l2]", "method.alpha_gs=1.0"],         # bp carried inside stage 2
+    ["method=sg_linear", "method.split=[l1,l2]", "method.target=bootstrap"],
+    ["method=vfbn", "method.split=l2"],
+], ids=["sg_linear-bp", "sg_linear-bootstrap", "vfbn"])
+def test_synthetic_gradients_staged(compose_run, tmp_path, method):
+    """Staleness 0 in order reproduces the rule's synchronous train_step bit for bit (same weights, same
+    per-epoch metrics); staleness 1 (the synthesizer's target one step late) gives the same weights
+    whether the stages overlap in threads or run in order (the delay is fixed, not timing-dependent),
+    differs from the synchronous weights, and the record says the staleness."""
+    plain, w_plain = _sg(compose_run, tmp_path, "plain", method, [])
+    seq0, w_seq0 = _sg(compose_run, tmp_path, "seq0", method, ["trainer.parallel=sequential"])
+    _same(w_plain, w_seq0)
+    assert _curve(plain) == _curve(seq0)
+    thr, w_thr = _sg(compose_run, tmp_path, "thr", method, ["trainer.parallel=threads"])  # staleness 1
+    seq1, w_seq1 = _sg(compose_run, tmp_path, "seq1", method, ["trainer.parallel=sequential", "trainer.staleness=1"])
+    _same(w_thr, w_seq1)
+    assert _curve(thr, drop=()) == _curve(seq1, drop=())
+    assert any(not torch.equal(w_plain[k], w_thr[k]) for k in w_plain if k.startswith("synths"))
+    stale = {k: v for k, v in thr["metrics"]["final"].items() if k.startswith("train_sg_staleness_steps/")}
+    assert stale and set(stale.values()) == {1.0}, thr["metrics"]["final"]
+    assert set(v for k, v in seq0["metrics"]["final"].items() if "staleness" in k) == {0.0}
+
+
+def test_local_supervised_staged_equals_its_train_step(compose_run, tmp_path):
+    """local_supervised's stages exchange forward messages only (each head learns from the labels at its
+    split): threads and sequential give the weights and metrics of its own train_step, bit for bit."""
+    m = ["method=local_supervised", "method.split=[l1,l2]"]
+    plain, w_plain = _sg(compose_run, tmp_path, "plain", m, [])
+    seq, w_seq = _sg(compose_run, tmp_path, "seq", m, ["trainer.parallel=sequential"])
+    thr, w_thr = _sg(compose_run, tmp_path, "thr", m, ["trainer.parallel=threads", "trainer.stages=3"])
+    _same(w_plain, w_seq)
+    _same(w_plain, w_thr)
+    assert _curve(plain) == _curve(seq) == _curve(thr)
+    with pytest.raises(CannotStage, match="predict_from=split"):
+        run(compose_run([*SG, "method=bottom_half_bp", "method.split=l1", "trainer.parallel=threads"]))
+
+
+def test_bp_targets_cannot_chain_through_a_late_middle_stage(compose_run):
+    with pytest.raises(CannotStage, match="method.target=bootstrap"):
+        run(compose_run([*SG, "method=sg_linear", "method.split=[l1,l2]", "trainer.parallel=threads",
+                         "trainer.stages=3", "trainer.epochs=1"]))
