@@ -122,3 +122,52 @@ def test_bp_targets_cannot_chain_through_a_late_middle_stage(compose_run):
     with pytest.raises(CannotStage, match="method.target=bootstrap"):
         run(compose_run([*SG, "method=sg_linear", "method.split=[l1,l2]", "trainer.parallel=threads",
                          "trainer.stages=3", "trainer.epochs=1"]))
+
+
+def _engine_weights(rule_kw, groups, backend, staleness, steps=12, seed=0):
+    """A tiny SplitRule on real MNIST batches through the Engine with a chosen partition (or, groups=None,
+    through the rule's own train_step), for partitions the cost balancing would not pick."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from bpfree.data import batches, load_dataset
+    from bpfree.models import build_model
+    from bpfree.parallel import Engine, StagedOptimizers
+    from bpfree.rules import build_rule
+    from tests.conftest import CACHE, data_root
+
+    torch.manual_seed(seed)
+    data = load_dataset("mnist", root=str(data_root()), cache_dir=str(CACHE), download=False, subset=steps * 32,
+                        test_subset=10, val_split=None)
+    model = build_model("mlp_depth", (1, 28, 28), 10, depth=3, width=24, activation="relu", init="default")
+    rule = build_rule(*rule_kw[:1], copy.deepcopy(model), lambda o, y: F.nll_loss(o, y), **rule_kw[1])
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
+    chosen = list(batches(data.train, 32, shuffle=True, seed=0, epoch=0))
+    if groups is None:
+        for x, y in chosen:
+            rule.train_step(x, y, opt)
+    else:
+        stages = rule.stage_defs(len(groups), None, concurrent=backend == "threads", groups=groups)
+        Engine(stages, StagedOptimizers(opt, stages), backend, staleness=staleness).run_epoch(
+            (x, None, y) for x, y in chosen)
+    return rule.state_dict()
+
+
+SGK = dict(context=True, kernel=1, zero_init=True, alpha_gs=1.0)
+
+
+@pytest.mark.parametrize("target,groups", [("bp", [[0, 1], [2, 3]]), ("bootstrap", [[0], [1, 2], [3]])],
+                         ids=["bp-carried-inside-the-lower-stage", "bootstrap-3-stages"])
+def test_synthetic_gradient_partitions(target, groups):
+    """Partitions with inner splits in a lower stage (bp: the late target is carried down through it) and a
+    middle stage (bootstrap: it sends its own input gradient down): staleness 0 in order = train_step, bit
+    for bit; staleness 1 threads = staleness 1 in order; staleness 2 differs from staleness 1."""
+    kw = ("sg_linear", dict(split=["l1", "l2", "l3"], target=target, **SGK))
+    plain = _engine_weights(kw, None, None, None)
+    _same(plain, _engine_weights(kw, groups, "sequential", 0))
+    thr1 = _engine_weights(kw, groups, "threads", 1)
+    _same(thr1, _engine_weights(kw, groups, "sequential", 1))
+    thr2 = _engine_weights(kw, groups, "threads", 2)
+    assert any(not torch.equal(thr1[k], thr2[k]) for k in thr1)
+    assert any(not torch.equal(plain[k], thr1[k]) for k in plain)
