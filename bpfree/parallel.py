@@ -11,14 +11,30 @@ engine steps each stage's own optimizer after its forward_backward. One definiti
   through a bounded queue (no copies; torch ops release the GIL). Once the pipe is full, stage k works on
   batch b while stage k-1 works on batch b+1.
 
-For rules whose stages exchange only forward messages (AL), the two schedules compute the same thing:
-stage k's input for batch b comes from stage k-1's weights after batch b-1 in both (tested: identical
-weights). The loop (bpfree/train.py) asks only for this interface, never for a rule's name. A stage reads only its
-own parameters while others run (`stage_defs(..., concurrent=True)`): AL's training-batch accuracy, which
-decodes through every component, is therefore not reported by the threads backend (test accuracy is).
+For rules whose stages exchange only forward messages (AL, local_supervised), the two schedules compute
+the same thing: stage k's input for batch b comes from stage k-1's weights after batch b-1 in both (tested:
+identical weights). The loop (bpfree/train.py) asks only for this interface, never for a rule's name. A
+stage reads only its own parameters while others run (`stage_defs(..., concurrent=True)`): AL's
+training-batch accuracy, which decodes through every component, is therefore not reported by the threads
+backend (test accuracy is).
 
-Not here (yet): the `processes` backend (torch.distributed, one process per stage) and rules whose stages
-send messages backwards (synthetic gradients), which would add staleness to record.
+Backward messages (synthetic gradients: sg_linear, sg_resnet, vfbn). The synthesizer at a cut learns from
+the true gradient there, which the stage above computes: a StageDef may `send_back()` the detached tensors
+for the previous stage (after its forward_backward of batch b) and `receive_back(tensors, age)` the next
+stage's (before its step). `trainer.staleness` = d says which message a stage takes at its step for batch
+b: the one of batch b - d (none for b < d; the last d are taken after the last batch, one step each, the
+drain). d = 0 in order is the rule's synchronous train_step, bit for bit; d = 1 (the threads default) lets
+stage k train on batch b+1 while stage k+1 finishes batch b, the synthesizer's target then one step old.
+The delay is fixed, not timing-dependent: threads and sequential at the same d give identical weights
+(tests/test_parallel.py). Each receiving stage reports it (`sg_staleness_steps/<split>` in the record).
+The engine writes `StageDef.staleness` before the first batch; a backend that runs stages elsewhere
+(processes) carries the same messages: after stage k's forward_backward and receive_back, send its
+send_back() tensors to stage k-1 tagged with the batch index; stage k-1 receives the one of batch b - d
+before its step for batch b and drains the rest after its last batch (Engine._threads is the reference).
+
+Not here (yet): the `processes` backend (torch.distributed, one process per stage; branch par), and target:
+bp through a middle stage at d >= 1 (its message down would wait for the one from above: the delays add up;
+refused, use target: bootstrap).
 """
 from __future__ import annotations
 
@@ -331,7 +347,8 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
     (DEFAULT_STALENESS: 0 in order, 1 when the stages overlap)."""
     if not hasattr(rule, "stage_defs"):
         raise CannotStage(f"{type(rule).__name__} has no stages (stage_defs): its updates need the whole "
-                          "backward pass; use trainer.parallel=null. Staged rules: those with local losses (al)")
+                          "backward pass; use trainer.parallel=null. Staged rules: al, local_supervised, sg_linear, "
+                          "sg_resnet, vfbn")
     if backend not in BACKENDS:
         raise CannotStage(f"unknown trainer.parallel={backend!r}; valid: null, {', '.join(BACKENDS)}")
     import copy
