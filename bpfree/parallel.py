@@ -168,6 +168,15 @@ class Engine:
         for s in self.stages:
             s.staleness = self.staleness
 
+    def _run_stage(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
+        """One batch of a stage without backward messages: forward_backward, step, after_step."""
+        st = self.stages[k]
+        if st.send_back is not None or st.receive_back is not None:
+            raise CannotStage(f"stage {st.name!r} exchanges backward messages (send_back / receive_back), which "
+                              f"trainer.parallel={self.backend} does not carry yet; use sequential or threads")
+        outputs, s = self._front(k, inputs)
+        return outputs, merge(s, self._back(k, None)[1])
+
     def _front(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
         t0 = time.perf_counter()
         self.optimizers.optimizers[k].zero_grad(set_to_none=True)
