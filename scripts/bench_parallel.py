@@ -1,6 +1,7 @@
 """make bench-parallel: wall-clock gain of depth-parallel (staged) training, measured in one run.
 
-On the same cores, model, batch and data (real MNIST batches), for `--steps` training steps each:
+On the same cores, model, batch and data (real batches of the case's dataset: MNIST, or cifar10_jpeg, the
+LOSSY JPEG copy of CIFAR-10), for `--steps` training steps each (default: the case's, STEPS):
 - bp_best:     backprop, one process, with 1 and with 2 intra-op threads (the faster is the anchor);
 - bp_pipeline: backprop as ordinary pipeline parallelism over 2 processes (torch.distributed.pipelining
                ScheduleGPipe, gloo, the batch split into `--microbatches`), one thread each;
@@ -11,7 +12,9 @@ On the same cores, model, batch and data (real MNIST batches), for `--steps` tra
 Each row: mode, backend, method, model, samples_per_s, ratio_to_bp_best, ratio_to_bp_pipeline,
 fraction_of_ideal (staged / ideal, ideal = sequential throughput x sum of stage times / slowest stage),
 bubble (1 - busy time / (stages x wall)), peak RSS, and test_acc after those steps (bp_pipeline: not
-evaluated; it computes bp's update with gradients accumulated over micro-batches).
+evaluated; it computes bp's update with gradients accumulated over micro-batches). Staged synthetic
+gradients (vfbn) add staleness_steps (trainer.staleness: the synthesizer's target comes that many steps
+late). A row that cannot be built says why (`skipped`) instead of a number.
 
     python scripts/bench_parallel.py [--case al_mlp1024 ...] [--steps N] [--out runs/bench]
 Rows -> <out>/parallel_<case>.json (BENCH_OUT=results/bench to refresh the committed ones).
