@@ -57,6 +57,10 @@ def run(cfg: DictConfig, ident: Identity | None = None, in_sweep: bool = False) 
     """Train one configuration and write its record; returns the record. `ident` is what the command
     line said (main() derives it from Hydra); without it the run is ad hoc and keeps its given name.
     In a sweep (`in_sweep`), missing data writes an 'unavailable' record before DatasetUnavailable rises."""
+    scales = cfg.get("scales")
+    if scales is not None and cfg.scale not in scales:
+        raise ValueError(f"scale={cfg.scale!r}: this experiment declares budgets for {', '.join(scales)} only "
+                         f"(its `scales:` node); pick one of those, or give the budget (trainer.epochs=N)")
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     ident = ident or Identity()
     place(c, ident)
@@ -115,12 +119,12 @@ def run(cfg: DictConfig, ident: Identity | None = None, in_sweep: bool = False) 
     return record
 
 
-def _identity() -> Identity:
+def _identity(cfg: DictConfig) -> Identity:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     params = OmegaConf.to_container(hc.sweeper.params, resolve=False) if hc.sweeper.get("params") else {}
-    return identify(list(hc.overrides.task), params)
+    return identify(list(hc.overrides.task), params, scales=tuple(cfg.get("scales") or ()))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -130,7 +134,7 @@ def main(cfg: DictConfig) -> dict:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return {"status": run(cfg, _identity(), in_sweep=multirun)["status"]}
+        return {"status": run(cfg, _identity(cfg), in_sweep=multirun)["status"]}
     except DatasetUnavailable as e:
         # In a sweep, a missing dataset skips that job (its table cell says so); alone, it is an error.
         if multirun:

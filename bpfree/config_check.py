@@ -97,6 +97,7 @@ TOP: dict[str, Any] = {
     "seed": Int(min=0), "scale": Choice(("paper", "cpu")), "paper": Str(), "table": Str(),
     "row": Any_(null=False), "column": Any_(null=False), "run_name": Str(null=True),
     "records_dir": Str(null=True), "checkpoint_dir": Str(null=True),
+    "scales": Any_(null=False),  # an experiment's budget per scale: {paper: {...}, cpu: {...}} (conf/scale/)
 }
 TRAINER: dict[str, Any] = {
     "epochs": Int(min=1), "batch_size": Int(min=1), "eval_batch_size": Int(min=1),

@@ -113,7 +113,7 @@ def environment(device: torch.device) -> dict:
 # Settings a run may change without changing what it trains: how long (a resumed run continues with more
 # epochs), how it is watched, and where it writes. They are left out of a record's name, of the resume
 # fingerprint and of the "same configuration?" test below. BUDGET is the part that says how long.
-BUDGET = ("trainer.epochs",)
+BUDGET = ("trainer.epochs", "scales")  # scales: an experiment's budget per scale (conf/scale/)
 RESUMABLE = (*BUDGET, "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.device",
              "trainer.keep_checkpoints", "logger", "records_dir", "checkpoint_dir", "run_name",
              # where the (checksummed) data is read from and cached, not what it is
@@ -171,7 +171,7 @@ class Identity:
     why_not: list[str] = field(default_factory=list)  # what made it ad hoc (for the message)
 
 
-def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
+def identify(overrides: list[str], sweep_params: dict | None, scales: tuple[str, ...] = ()) -> Identity:
     """`overrides`: the job's command-line overrides (Hydra's `hydra.overrides.task`, which in a multirun
     include the swept values); `sweep_params`: the experiment's own `hydra.sweeper.params`.
 
@@ -179,7 +179,8 @@ def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
       (its run_name shows those; tests/test_reliability.py checks every experiment's grid has unique
       names), nor is RESUMABLE; so two configurations never share a record or a checkpoint.
     - Official = an experiment was chosen and every other override is one of its own sweep values, a seed,
-      or RESUMABLE other than the budget (`trainer.epochs=1` on an experiment is a smoke run).
+      or RESUMABLE other than the budget (`trainer.epochs=1` on an experiment is a smoke run), or a
+      `scale=` the experiment declares a budget for (`scales`: the keys of its `scales:` node).
     """
     sweep_params = dict(sweep_params or {})
     keys = [_override_key(o) for o in overrides]
@@ -197,6 +198,8 @@ def identify(overrides: list[str], sweep_params: dict | None) -> Identity:
             if not _in_grid(v, sweep_params[k]):
                 why_not.append(f"{k}={v} is outside the experiment's sweep ({sweep_params[k]})")
                 shown.append(raw)
+            continue
+        if k == "scale" and v in scales:  # the experiment's own budget at that scale
             continue
         if k in NAMED:
             if k not in ("seed", "experiment") and experiment:

@@ -134,7 +134,6 @@ def test_a_record_of_another_config_is_refused_before_training(compose_run, tmp_
     ("+model.widht=3", "did you mean model.width"),
     ("+optim.momentun=0.9", "unknown setting optim.momentun"),
     ("seed=-1", "seed=-1"),
-    ("scale=gpu", "scale='gpu'.*paper, cpu"),
 ])
 def test_bad_settings_are_refused_by_name(compose_run, override, names):
     extra = ["model=mlp_depth"] if "widht" in override else []
@@ -336,3 +335,24 @@ def test_keep_checkpoints_false_deletes_them_after_the_record(compose_run, tmp_p
     assert not (tmp_path / "ckpt").exists()
     run(compose_run([*TINY, "seed=1"]))
     assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_scale_is_a_group_and_an_experiment_carries_its_budget_per_scale(compose_run):
+    """conf/scale/{paper,cpu}: `scale=cpu` on an experiment with a `scales:` node picks its CPU budget, is
+    still the experiment at its own settings (official), and the run name shows the scale; an unknown
+    scale is refused listing the options; a scale the experiment has no budget for is refused by name."""
+    from hydra.errors import MissingConfigException
+
+    paper = compose_run(["experiment=bpf_rules_source_fa"])
+    cpu = compose_run(["experiment=bpf_rules_source_fa", "scale=cpu"])
+    assert (paper.scale, paper.trainer.epochs) == ("paper", 400)
+    assert (cpu.scale, cpu.trainer.epochs, cpu.trainer.num_threads) == ("cpu", 10, 1)
+    assert cpu.run_name == "fa-mlp-mnist-cpu-s0" and paper.run_name == "fa-mlp-mnist-paper-s0"
+    assert identify(["experiment=bpf_rules_source_fa", "scale=cpu"], {"seed": "0,1,2"},
+                    scales=tuple(cpu.scales)).official
+    # a paper-only experiment at scale=cpu is ad hoc: nothing says what its CPU budget is
+    assert not identify(["experiment=ag_table2", "scale=cpu"], {"seed": "0"}).official
+    with pytest.raises(MissingConfigException, match="(?s)scale/gpu.*cpu.*paper"):
+        compose_run(["scale=gpu"])
+    with pytest.raises(ValueError, match="scale='cpu'.*paper only"):
+        run(compose_run(["experiment=bpf_rules_source_fa", "scale=cpu", "~scales.cpu"]))
