@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bpfree.build import build, pick_device, validate
 from bpfree.data import DatasetUnavailable
+from bpfree.distributed import in_stage_group, serve_stage, stage_processes
 from bpfree.loggers import build_logger
 from bpfree.records import (Identity, check_replaceable, config_fingerprint, holds_a_run, identify, make_record,
                             record_path, summarize, write_record)
@@ -67,6 +68,9 @@ def run(cfg: DictConfig, ident: Identity | None = None, in_sweep: bool = False) 
     validate(c)  # before anything is loaded: a bad setting costs nothing
     path = record_path(c["records_dir"], c["paper"], c["table"], c["run_name"])
     check_replaceable(path, c)  # before training: a conflict costs no compute
+    if c["trainer"]["parallel"] == "processes" and not in_stage_group():
+        with stage_processes(c) as rank:  # one process per stage: spawned here, or joined under torchrun
+            return run(cfg, ident, in_sweep) if rank == 0 else serve_stage(c)  # rank 0 trains and records
     if not ident.official and Path(c["records_dir"]).parts[:1] == (COMMITTED,):
         print(f"note: writing an ad-hoc run into {c['records_dir']} because records_dir says so")
     elif not ident.official and ident.why_not:
@@ -106,6 +110,7 @@ def run(cfg: DictConfig, ident: Identity | None = None, in_sweep: bool = False) 
             "samples_per_second": result.samples_seen / result.train_seconds if result.train_seconds else 0.0,
             "wall_seconds_this_process": time.time() - started,
             "resumed_from_epoch": result.resumed_from_epoch,
+            **({"parallel": b.engine.describe()} if b.engine is not None else {}),  # backend, stages, world size
         })
     path = write_record(record, path)
     logger.finish(record["metrics"]["best"])

@@ -105,7 +105,8 @@ TRAINER: dict[str, Any] = {
     "device": Str(), "resume": Bool(), "deterministic": Bool(), "num_threads": Int(min=1, null=True),
     "progress": Bool(), "check_every": Int(min=1), "probe_size": Int(min=1),
     "max_steps_per_epoch": Int(min=1, null=True), "keep_checkpoints": Bool(),
-    "parallel": Choice(("sequential", "threads"), null=True), "stages": Int(min=1),
+    "parallel": Choice(("sequential", "threads", "processes"), null=True), "stages": Int(min=1),
+    "dist_backend": Choice(("auto", "gloo", "nccl")),
 }
 DATA: dict[str, Any] = {
     "root": Str(), "cache_dir": Str(), "download": Bool(), "subset": Int(min=1, null=True),

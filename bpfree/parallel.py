@@ -27,14 +27,15 @@ drain). d = 0 in order is the rule's synchronous train_step, bit for bit; d = 1 
 stage k train on batch b+1 while stage k+1 finishes batch b, the synthesizer's target then one step old.
 The delay is fixed, not timing-dependent: threads and sequential at the same d give identical weights
 (tests/test_parallel.py). Each receiving stage reports it (`sg_staleness_steps/<split>` in the record).
-The engine writes `StageDef.staleness` before the first batch; a backend that runs stages elsewhere
-(processes) carries the same messages: after stage k's forward_backward and receive_back, send its
-send_back() tensors to stage k-1 tagged with the batch index; stage k-1 receives the one of batch b - d
-before its step for batch b and drains the rest after its last batch (Engine._threads is the reference).
+The engine writes `StageDef.staleness` before the first batch. The `processes` backend (bpfree/distributed.py)
+does not carry backward messages yet (build_engine refuses such stages there); to carry them it would, on
+rank k, after forward_backward of batch b and isending the outputs on, recv rank k+1's message of batch
+b - d (its own header channel from k+1, beside the one from k-1), call receive_back, isend send_back()'s
+tensors to rank k-1, then step; after the last batch recv the d messages still due (the drain, one step
+each). Engine._front / _back / _drain are those steps; Engine._threads is the reference schedule.
 
-Not here (yet): the `processes` backend (torch.distributed, one process per stage; branch par), and target:
-bp through a middle stage at d >= 1 (its message down would wait for the one from above: the delays add up;
-refused, use target: bootstrap).
+Not here (yet): backward messages over processes (above), and target: bp through a middle stage at d >= 1
+(its message down would wait for the one from above: the delays add up; refused, use target: bootstrap).
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-BACKENDS = ("sequential", "threads")
+BACKENDS = ("sequential", "threads", "processes")  # processes: bpfree/distributed.py
 # trainer.staleness=null: a backward message of batch b is used at the step of batch b + this. In order it
 # can be 0 (the synchronous rule); overlapped, 1 lets stage k work on batch b+1 while stage k+1 finishes b
-DEFAULT_STALENESS = {"sequential": 0, "threads": 1}
+DEFAULT_STALENESS = {"sequential": 0, "threads": 1, "processes": 1}
 
 
 class CannotStage(TypeError):
@@ -167,6 +168,12 @@ class Engine:
             raise CannotStage(f"trainer.staleness={self.staleness} must be >= 0 (steps a backward message is late)")
         for s in self.stages:
             s.staleness = self.staleness
+
+    def describe(self) -> dict:
+        """What the record says about the schedule (timing.parallel)."""
+        return {"backend": self.backend, "stages": len(self.stages), "world_size": 1,
+                "parts": [s.parts for s in self.stages], "last_epoch_stage_busy_s": list(self.busy),
+                "staleness": self.staleness}
 
     def _run_stage(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
         """One batch of a stage without backward messages: forward_backward, step, after_step."""
@@ -363,12 +370,19 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
     import copy
 
     kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics
-    stages = rule.stage_defs(k, sample, concurrent=backend == "threads")
+    stages = rule.stage_defs(k, sample, concurrent=backend != "sequential")
     rule.load_state_dict(kept)
     covered = {id(p) for s in stages for p in s.params}
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         raise CannotStage(f"{type(rule).__name__}'s stages leave parameters untrained: {missing[:5]}")
+    if backend == "processes" and any(s.send_back or s.receive_back for s in stages):
+        raise CannotStage(f"{type(rule).__name__}'s stages send gradients back (the synthesizer's target), which "
+                          "trainer.parallel=processes does not carry yet; use trainer.parallel=threads or sequential")
+    if backend == "processes":  # one process per stage, this one trains one of them: bpfree/distributed.py
+        from bpfree.distributed import build_process_engine
+
+        return build_process_engine(rule, stages, optimizer)
     if backend == "threads":
         torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
     d = DEFAULT_STALENESS[backend] if staleness is None else staleness

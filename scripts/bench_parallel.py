@@ -7,8 +7,10 @@ LOSSY JPEG copy of CIFAR-10), for `--steps` training steps each (default: the ca
                ScheduleGPipe, gloo, the batch split into `--microbatches`), one thread each;
 - sequential:  the decoupled rule's stages run in order, one thread (bpfree.parallel, backend sequential);
 - staged:      the same stages, one thread per stage in one process (backend threads), and one process per
-               stage over gloo (torch.distributed isend/recv of each batch's detached messages; this
-               script's own loop: the trainer's processes backend does not exist yet).
+               stage over gloo (backend processes, bpfree/distributed.py: this process is rank 0 and
+               spawns the other stage; isend/irecv of each batch's detached messages). Its samples_per_s
+               counts the batches only; sync_s is the epoch's state exchange (weights and optimizer state
+               out to the stages and back to rank 0), which a real epoch adds once.
 Each row: mode, backend, method, model, samples_per_s, ratio_to_bp_best, ratio_to_bp_pipeline,
 fraction_of_ideal (staged / ideal, ideal = sequential throughput x sum of stage times / slowest stage),
 bubble (1 - busy time / (stages x wall)), peak RSS, and test_acc after those steps (bp_pipeline: not
@@ -54,9 +56,6 @@ CASES = {
     "local_supervised_resnet14": (["method=local_supervised", *VFBN_RESNET], 128),
     "vfbn_resnet14": (["method=vfbn", *VFBN_RESNET], 128),
 }
-# cases whose staged rows run through the script's own 2-process loop (forward messages (s, t, y) only);
-# the others say why that row is missing (the trainer's processes backend lives on branch par)
-SCRIPT_PROCESS_ROW = {"al_mlp1024", "al_mlp256", "al_cnn_cifar10_jpeg"}
 # training steps per row where --steps is not given (the ResNet's steps cost ~10x the MLP's)
 STEPS = {"al_mlp1024": 200, "al_mlp256": 200, "al_cnn_cifar10_jpeg": 100, "local_supervised_resnet14": 40,
          "vfbn_resnet14": 40}
@@ -99,14 +98,18 @@ def _train(c, data, steps: int) -> dict:
         b.engine.run_epoch(((x, None, y) for x, y in chosen))
         wall = time.perf_counter() - t0
         busy = list(b.engine.busy)
+        timing = getattr(b.engine, "timing", {})  # processes: pipeline_s (the batches) and sync_s (state moves)
+        wall = timing.get("pipeline_s", wall)
+        extra = {"sync_s": timing["sync_s"], "peak_mb_per_stage": timing["peak_mb"]} if timing else {}
     else:
         t0 = time.perf_counter()
         for x, y in chosen:
             b.rule.train_step(x, y, b.optimizer)
         wall = time.perf_counter() - t0
-        busy = [wall]
+        busy, extra = [wall], {}
     n = sum(len(y) for _, y in chosen)
-    out = {"samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy, "test_acc": _test_acc(b.rule, b.data)}
+    out = {"samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy, "test_acc": _test_acc(b.rule, b.data),
+           **extra}
     if b.engine is not None and any(s.receive_back for s in b.engine.stages):
         out["staleness_steps"] = b.engine.staleness  # how late the synthesizers' targets arrive
     return out
@@ -180,72 +183,6 @@ def _pipeline_worker(rank, port, overrides, batch_size, steps, microbatches, out
     dist.destroy_process_group()
 
 
-def _staged_worker(rank, port, overrides, batch_size, steps, groups, out_path):
-    """One stage of the rule per process (gloo, one thread each): rank 0 runs stage 1 and sends each batch's
-    detached (s, t, y) to rank 1 with isend, overlapping the next batch's compute; rank 1 receives and runs
-    stage 2. Same seed, same batches, same partition (`groups`) as the threads row. At the end rank 1 sends
-    its stage's weights to rank 0, which scores the whole rule on the test set."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    c = _cfg(overrides, batch_size, 1)
-    data = _load(c)
-    b = build(c, data=data)
-    stages = b.rule.stage_defs(2, None, concurrent=True, groups=groups)
-    stage = stages[rank]
-    opt = type(b.optimizer)(stage.params, **b.optimizer.defaults)
-    it = batches(data.train, batch_size, shuffle=True, seed=0, epoch=0)
-    chosen = [next(it) for _ in range(steps)]
-    # message shapes, from one batch through stage 1 (its gradients are dropped below; no step is taken)
-    (s0, t0, _), _ = stage.forward_backward((chosen[0][0], None, chosen[0][1])) if rank == 0 else ((None,) * 3, {})
-    shapes = [list(s0.shape), list(t0.shape)] if rank == 0 else [None, None]
-    dist.broadcast_object_list(shapes, src=0)
-    opt.zero_grad(set_to_none=True)
-    busy, pending = 0.0, []
-    dist.barrier()
-    t_start = time.perf_counter()
-    for x, y in chosen:
-        if rank == 0:
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            (s, t, _), _ = stage.forward_backward((x, None, y))
-            opt.step()
-            busy += time.perf_counter() - t0
-            for w in pending:
-                w.wait()
-            pending = [dist.isend(s.contiguous(), 1), dist.isend(t.contiguous(), 1), dist.isend(y, 1)]
-        else:
-            s, t, yy = torch.empty(shapes[0]), torch.empty(shapes[1]), torch.empty(len(y), dtype=torch.long)
-            for buf in (s, t, yy):
-                dist.recv(buf, 0)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            stage.forward_backward((s, t, yy))
-            opt.step()
-            busy += time.perf_counter() - t0
-    for w in pending:
-        w.wait()
-    dist.barrier()
-    wall = time.perf_counter() - t_start
-    busy_all = [None, None]
-    dist.all_gather_object(busy_all, busy)
-    for prm in stages[1].params:  # gather stage 2's weights on rank 0 for the test score
-        if rank == 1:
-            dist.send(prm.detach().contiguous(), 0)
-        else:
-            buf = torch.empty_like(prm)
-            dist.recv(buf, 1)
-            prm.data.copy_(buf)
-    if rank == 0:
-        n = sum(len(y) for _, y in chosen)
-        Path(out_path).write_text(json.dumps({
-            "samples_per_s": n / wall, "wall_s": wall, "stage_busy_s": busy_all,
-            "bubble": 1 - sum(busy_all) / (2 * wall), "test_acc": _test_acc(b.rule, b.data),
-            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-    dist.destroy_process_group()
-
-
 def _spawn2(worker, *args) -> dict:
     """Run `worker(rank, port, *args, out_path)` on 2 processes; rank 0 writes its result to out_path."""
     import tempfile
@@ -258,8 +195,15 @@ def _spawn2(worker, *args) -> dict:
         return json.loads(out.read_text())
 
 
-def staged_processes(overrides, batch_size, steps, groups) -> dict:
-    return _spawn2(_staged_worker, overrides, batch_size, steps, groups)
+def staged_processes(c, data, steps) -> dict:
+    """The trainer's processes backend: this process is rank 0 (stage 1) and spawns the other stage."""
+    from bpfree.distributed import stage_processes
+
+    with stage_processes(c):
+        r = _train(c, data, steps)
+    busy = r["stage_busy_s"]
+    return r | {"bubble": 1 - sum(busy) / (len(busy) * r["wall_s"]),
+                "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def bp_pipeline(overrides, batch_size, steps, microbatches) -> dict:
@@ -320,14 +264,13 @@ def bench_case(case: str, steps: int, microbatches: int, out: Path) -> None:
                "bubble": 1 - sum(busy) / (len(busy) * staged["wall_s"]),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     row("staged", "threads", staged, 1, 2)
-    if a.case in SCRIPT_PROCESS_ROW:
-        groups = [s.parts for s in build(staged_cfg, data=data).engine.stages]  # the threads row's partition
-        proc = staged_processes(overrides, bs, a.steps, groups)
+    if "staleness_steps" in staged:  # stages that send gradients back: see bpfree.parallel.build_engine
+        row("staged", "processes", {"skipped": "the processes backend does not carry backward messages "
+                                               "(the synthesizer's target) yet"}, 1, 2)
+    else:
+        proc = staged_processes(_cfg(overrides, bs, 1, "processes"), data, a.steps)
         proc |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": proc["samples_per_s"] / ideal}
         row("staged", "processes", proc, 1, 2)
-    else:
-        row("staged", "processes", {"skipped": "this script's 2-process loop sends AL's (s, t, y) forward only; "
-                                               "the trainer's processes backend (branch par) runs these stages"}, 1, 2)
     for r in rows:
         if "samples_per_s" in r:
             r["ratio_to_bp_best"] = r["samples_per_s"] / best["samples_per_s"]

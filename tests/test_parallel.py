@@ -119,10 +119,13 @@ def test_local_supervised_staged_equals_its_train_step(compose_run, tmp_path):
         run(compose_run([*SG, "method=bottom_half_bp", "method.split=l1", "trainer.parallel=threads"]))
 
 
-def test_bp_targets_cannot_chain_through_a_late_middle_stage(compose_run):
-    with pytest.raises(CannotStage, match="method.target=bootstrap"):
+def test_what_cannot_carry_backward_messages_is_refused(compose_run):
+    with pytest.raises(CannotStage, match="method.target=bootstrap"):  # bp's delays would add up
         run(compose_run([*SG, "method=sg_linear", "method.split=[l1,l2]", "trainer.parallel=threads",
                          "trainer.stages=3", "trainer.epochs=1"]))
+    with pytest.raises(CannotStage, match="processes does not carry"):
+        run(compose_run([*SG, "method=sg_linear", "method.split=l2", "trainer.parallel=processes",
+                         "trainer.epochs=1"]))
 
 
 def _engine_weights(rule_kw, groups, backend, staleness, steps=12, seed=0):
