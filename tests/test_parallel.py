@@ -107,14 +107,16 @@ def test_synthetic_gradients_staged(compose_run, tmp_path, method):
 
 def test_local_supervised_staged_equals_its_train_step(compose_run, tmp_path):
     """local_supervised's stages exchange forward messages only (each head learns from the labels at its
-    split): threads and sequential give the weights and metrics of its own train_step, bit for bit."""
+    split): sequential, threads and processes give the weights and metrics of its own train_step, bit for bit."""
     m = ["method=local_supervised", "method.split=[l1,l2]"]
     plain, w_plain = _sg(compose_run, tmp_path, "plain", m, [])
     seq, w_seq = _sg(compose_run, tmp_path, "seq", m, ["trainer.parallel=sequential"])
     thr, w_thr = _sg(compose_run, tmp_path, "thr", m, ["trainer.parallel=threads", "trainer.stages=3"])
+    proc, w_proc = _sg(compose_run, tmp_path, "proc", m, ["trainer.parallel=processes"])
     _same(w_plain, w_seq)
     _same(w_plain, w_thr)
-    assert _curve(plain) == _curve(seq) == _curve(thr)
+    _same(w_plain, w_proc)
+    assert _curve(plain) == _curve(seq) == _curve(thr) == _curve(proc)
     with pytest.raises(CannotStage, match="predict_from=split"):
         run(compose_run([*SG, "method=bottom_half_bp", "method.split=l1", "trainer.parallel=threads"]))
 
