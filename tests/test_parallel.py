@@ -125,12 +125,25 @@ def test_what_cannot_carry_backward_messages_is_refused(compose_run):
     with pytest.raises(CannotStage, match="method.target=bootstrap"):  # bp's delays would add up
         run(compose_run([*SG, "method=sg_linear", "method.split=[l1,l2]", "trainer.parallel=threads",
                          "trainer.stages=3", "trainer.epochs=1"]))
-    with pytest.raises(CannotStage, match="processes does not carry"):
-        run(compose_run([*SG, "method=sg_linear", "method.split=l2", "trainer.parallel=processes",
-                         "trainer.epochs=1"]))
+    import torch.nn.functional as F
+
+    from bpfree.models import build_model
+    from bpfree.parallel import build_engine
+    from bpfree.rules import build_rule
+
+    model = build_model("mlp_depth", (1, 28, 28), 10, depth=2, width=16, activation="relu", init="default")
+    rule = build_rule("sg_linear", model, lambda o, y: F.nll_loss(o, y), split="l1")
+    with pytest.raises(CannotStage, match="processes does not carry"):  # before any process group is needed
+        build_engine(rule, torch.optim.SGD(rule.parameters(), lr=0.1), "processes", 2)
 
 
-def _engine_weights(rule_kw, groups, backend, staleness, steps=12, seed=0):
+MLP = ("mlp_depth", dict(depth=3, width=24, activation="relu", init="default"))
+# maps: a 2-conv CNN (c1: 4 x 14 x 14, c2: 4 x 7 x 7), for the synthesizers with BatchNorm
+CNN = ("cnn", dict(channels=[4, 4], fc=[16], pool_after=[1, 2], downsample="stride", activation="relu",
+                   init="default"))
+
+
+def _engine_weights(rule_kw, groups, backend, staleness, steps=12, seed=0, model_kw=MLP, batch=32):
     """A tiny SplitRule on real MNIST batches through the Engine with a chosen partition (or, groups=None,
     through the rule's own train_step), for partitions the cost balancing would not pick."""
     import copy
@@ -144,12 +157,12 @@ def _engine_weights(rule_kw, groups, backend, staleness, steps=12, seed=0):
     from tests.conftest import CACHE, data_root
 
     torch.manual_seed(seed)
-    data = load_dataset("mnist", root=str(data_root()), cache_dir=str(CACHE), download=False, subset=steps * 32,
+    data = load_dataset("mnist", root=str(data_root()), cache_dir=str(CACHE), download=False, subset=steps * batch,
                         test_subset=10, val_split=None)
-    model = build_model("mlp_depth", (1, 28, 28), 10, depth=3, width=24, activation="relu", init="default")
+    model = build_model(model_kw[0], (1, 28, 28), 10, **model_kw[1])
     rule = build_rule(*rule_kw[:1], copy.deepcopy(model), lambda o, y: F.nll_loss(o, y), **rule_kw[1])
     opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
-    chosen = list(batches(data.train, 32, shuffle=True, seed=0, epoch=0))
+    chosen = list(batches(data.train, batch, shuffle=True, seed=0, epoch=0))
     if groups is None:
         for x, y in chosen:
             rule.train_step(x, y, opt)
@@ -177,3 +190,23 @@ def test_synthetic_gradient_partitions(target, groups):
     thr2 = _engine_weights(kw, groups, "threads", 2)
     assert any(not torch.equal(thr1[k], thr2[k]) for k in thr1)
     assert any(not torch.equal(plain[k], thr1[k]) for k in plain)
+
+
+@pytest.mark.parametrize("rule_kw", [
+    ("sg_resnet", dict(split="c1", target="bp", context=True, width=8, zero_init=True, alpha_gs=1.0)),
+    ("vfbn", dict(split="c1", target="bp", alpha_gs=1.0, hidden=[])),
+], ids=["sg_resnet", "vfbn"])
+def test_late_targets_on_maps_count_each_batch_once_in_batchnorm(rule_kw):
+    """Synthesizers with BatchNorm (sg_resnet's, VFBN's virtual network on maps): a target one step late
+    recomputes delta_hat on the stored h with the BN statistics frozen, so they count each batch once, as
+    the synchronous rule's; threads = sequential at staleness 1; staleness 0 in order = train_step."""
+    steps = 4
+    kw = dict(steps=steps, model_kw=CNN, batch=16)
+    plain = _engine_weights(rule_kw, None, None, None, **kw)
+    _same(plain, _engine_weights(rule_kw, [[0], [1]], "sequential", 0, **kw))
+    thr = _engine_weights(rule_kw, [[0], [1]], "threads", 1, **kw)
+    _same(thr, _engine_weights(rule_kw, [[0], [1]], "sequential", 1, **kw))
+    counts = {k: int(v) for k, v in thr.items() if k.startswith("synths") and k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {steps}, counts
+    stats = [k for k in thr if k.startswith("synths") and k.endswith("running_mean")]
+    assert any(not torch.equal(plain[k], thr[k]) for k in stats)  # the late targets did train differently
