@@ -20,7 +20,10 @@ One epoch (`ProcessEngine.run_epoch` on rank 0, `.serve` on the others):
    stage k-1 trains on batch b+1. A header with count -1 ends the epoch;
 3. rank 0 gathers every stage's per-batch scalars, busy seconds, parameters, buffers and optimizer state.
 Stage k's input for batch b comes from stage k-1's weights after batch b-1, as in the sequential schedule:
-for AL the weights and records equal the sequential run's (tests/test_parallel.py).
+for AL the weights and records equal the sequential run's (tests/test_parallel_processes.py).
+Backward messages (synthetic gradients: StageDef.send_back / receive_back) go from rank k+1 down to rank
+k, the one of batch b - staleness taken before rank k's step for batch b, as in Engine._threads; at the
+same trainer.staleness the weights equal the sequential schedule's (tested where the rules declare them).
 
 Communication: gloo on CPU, NCCL when the run's device is CUDA (trainer.dist_backend=auto), one GPU per
 process (LOCAL_RANK under torchrun, the rank when spawned). With gloo and a CUDA device, messages go
@@ -263,8 +266,8 @@ class ProcessEngine(Engine):
     def __post_init__(self):
         super().__post_init__()
         self.comm = _comm_device(self.dist_backend, self.device)
-        self._pending: deque = deque()
-        self._header = None  # (tensor, work) of the next header's posted irecv
+        self._pending: dict[int, deque] = {}  # per destination: (works, tensors kept alive until sent)
+        self._header: dict[int, tuple] = {}    # per source: (tensor, work) of the next header's posted irecv
 
     def describe(self) -> dict:
         return {**super().describe(), "world_size": self.world, "dist_backend": self.dist_backend,
@@ -286,26 +289,33 @@ class ProcessEngine(Engine):
             raise ValueError(f"a stage sends {len(tensors)} tensors whose shapes need {len(head)} header slots; "
                              f"bpfree.distributed.HEADER is {HEADER}")
         h = torch.tensor(head + [0] * (HEADER - len(head)), dtype=torch.int64, device=self.comm)
-        self._pending.append(([dist.isend(h, dst)] + [dist.isend(p, dst) for p in payload], [h, *payload]))
-        while len(self._pending) > self.queue_size:  # keep at most queue_size batches in flight
-            for w in self._pending.popleft()[0]:
+        pending = self._pending.setdefault(dst, deque())
+        pending.append(([dist.isend(h, dst)] + [dist.isend(p, dst) for p in payload], [h, *payload]))
+        # at most queue_size batches in flight forward; backward messages are bounded by the staleness
+        # (the stage below takes one per batch) and are never waited for here: a gloo send completes once
+        # its receiver has posted the receive, and the stage below may be waiting on this stage's forward
+        while pending and all(w.is_completed() for w in pending[0][0]):
+            pending.popleft()  # sent: its tensors may go
+        while dst > self.rank and len(pending) > self.queue_size:
+            for w in pending.popleft()[0]:
                 w.wait()
 
     def _flush(self) -> None:
-        while self._pending:
-            for w in self._pending.popleft()[0]:
-                w.wait()
+        for pending in self._pending.values():
+            while pending:
+                for w in pending.popleft()[0]:
+                    w.wait()
 
-    def _recv(self, src: int):
-        """The next batch's tensors from `src` (None: the epoch ended). The following header's irecv is posted
-        before this batch is trained on, so its arrival overlaps the compute."""
-        if self._header is None:
+    def _recv(self, src: int, prefetch: bool = True):
+        """The next message's tensors from `src` (None: the epoch ended). With `prefetch` (the forward stream,
+        which always ends with a stop header) the following header's irecv is posted before this batch is
+        trained on, so its arrival overlaps the compute."""
+        if src not in self._header:
             h = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
             dist.recv(h, src)
         else:
-            h, work = self._header
+            h, work = self._header.pop(src)
             work.wait()
-        self._header = None
         spec = h.tolist()
         if spec[0] < 0:
             return None
@@ -322,8 +332,9 @@ class ProcessEngine(Engine):
             works.append(dist.irecv(buf, src))
             bufs.append((buf, dtype))
             i += 2 + nd
-        nxt = torch.empty(HEADER, dtype=torch.int64, device=self.comm)  # a batch is always followed by a header
-        self._header = (nxt, dist.irecv(nxt, src))
+        if prefetch:  # a batch is always followed by a header (the next batch's, or the stop)
+            nxt = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
+            self._header[src] = (nxt, dist.irecv(nxt, src))
         for w in works:
             w.wait()
         return tuple(None if b is None else b[0].to(self.device, b[1]) for b in bufs)
@@ -339,27 +350,50 @@ class ProcessEngine(Engine):
         self.optimizers.optimizers[k].load_state_dict(state["optimizer"])
 
     # ---- the epoch -------------------------------------------------------------------------------
-    def _pipeline(self, first_inputs, max_steps) -> list[dict]:
+    def _pipeline(self, first_inputs, max_steps) -> tuple[list[dict], dict]:
+        """This rank's stage over one epoch: (per-batch scalars, the drain's scalars). A stage with backward
+        messages (StageDef.send_back / receive_back, synthetic gradients; Engine's _front / _back / _drain
+        halves and its `staleness`) runs Engine._threads' order: its
+        forward half, its outputs sent on, then the next stage's message of batch b - staleness (received
+        from rank + 1), its own message sent down to rank - 1, the step; after the last batch the messages
+        still due, one step each (the drain)."""
         r, last = self.rank, self.world - 1
-        out = []
-        if r == 0:
-            for b, inputs in enumerate(first_inputs):
-                if max_steps and b >= max_steps:
-                    break
-                outputs, s = self._run_stage(0, inputs)
-                out.append(s)
-                if last:
-                    self._send(outputs, 1)
-        else:
-            while (inputs := self._recv(r - 1)) is not None:
+        st = self.stages[r]
+        backward = getattr(st, "send_back", None) is not None or getattr(st, "receive_back", None) is not None
+        d = getattr(self, "staleness", 0)
+
+        def source():
+            if r == 0:
+                for b, inputs in enumerate(first_inputs):
+                    if max_steps and b >= max_steps:
+                        return
+                    yield inputs
+            else:
+                yield from iter(lambda: self._recv(r - 1), None)
+
+        out, drained = [], {}
+        for b, inputs in enumerate(source()):
+            if not backward:
                 outputs, s = self._run_stage(r, inputs)
-                out.append(_cpu(s))
                 if r < last:
                     self._send(outputs, r + 1)
+            else:
+                outputs, s = self._front(r, inputs)
+                if r < last:
+                    self._send(outputs, r + 1)  # before waiting for a message: staleness 0 needs it
+                msg = self._recv(r + 1, prefetch=False) if st.receive_back is not None and b >= d else None
+                back, s2 = self._back(r, msg)
+                if back is not None:
+                    self._send(back, r - 1)
+                s = merge(s, s2)
+            out.append(s if r == 0 else _cpu(s))
         if r < last:
             self._send(None, r + 1)
+        if backward and st.receive_back is not None:
+            for _ in range(min(d, len(out))):
+                drained = merge(drained, self._drain(r, self._recv(r + 1, prefetch=False)))
         self._flush()
-        return out
+        return out, (drained if r == 0 else _cpu(drained))
 
     def run_epoch(self, first_inputs, max_steps=None) -> list[dict]:
         """Rank 0: one epoch over all stages; returns the merged per-batch scalars (as the other backends)."""
@@ -370,23 +404,26 @@ class ProcessEngine(Engine):
         for r in range(1, self.world):
             dist.send_object_list([self._state(r)], dst=r, device=self.comm)
         t1 = time.perf_counter()
-        mine = self._pipeline(first_inputs, max_steps)
+        mine, drained = self._pipeline(first_inputs, max_steps)
         t2 = time.perf_counter()
         got = [None] * self.world
-        dist.gather_object((None, 0.0, None, None), got, dst=0)
+        dist.gather_object((None, None, 0.0, None, None), got, dst=0)
         for r in range(1, self.world):
-            scalars, busy, state, _ = got[r]
+            scalars, _, busy, state, _ = got[r]
             if len(scalars) != len(mine):
                 raise RuntimeError(f"stage {r + 1} trained on {len(scalars)} batches, stage 1 on {len(mine)}")
             self._load(r, state)
             self.busy[r] = busy
         self.timing = {"pipeline_s": t2 - t1, "sync_s": (t1 - t0) + (time.perf_counter() - t2),
-                       "peak_mb": [_peak_mb(self.device), *(g[3] for g in got[1:])]}
+                       "peak_mb": [_peak_mb(self.device), *(g[4] for g in got[1:])]}
         out = []
-        for b, s in enumerate(mine):
+        for b, s in enumerate(mine):  # merged over stages in stage order; the drains join the last batch's
             for r in range(1, self.world):
                 s = merge(s, got[r][0][b])
             out.append(s)
+        for extra in [drained, *(g[1] for g in got[1:])]:
+            if extra and out:
+                out[-1] = merge(out[-1], extra)
         return out
 
     def serve(self) -> None:
@@ -398,11 +435,12 @@ class ProcessEngine(Engine):
                 return
             self._load(self.rank, msg[0])
             self.busy = [0.0] * self.world
-            scalars = self._pipeline(None, None)
-            dist.gather_object((scalars, self.busy[self.rank], self._state(self.rank), _peak_mb(self.device)), None, dst=0)
+            scalars, drained = self._pipeline(None, None)
+            dist.gather_object((scalars, drained, self.busy[self.rank], self._state(self.rank), _peak_mb(self.device)),
+                               None, dst=0)
 
 
-def build_process_engine(rule, stages, optimizer) -> ProcessEngine:
+def build_process_engine(rule, stages, optimizer, **engine_kw) -> ProcessEngine:
     """This process's engine, from the stages bpfree.parallel.build_engine checked. Every rank must cut the
     rule where rank 0 did, and measured costs differ between processes: a rank whose cut differs takes rank
     0's (`stage_defs(groups=...)`), and a rule that cannot take it is refused."""
@@ -425,5 +463,9 @@ def build_process_engine(rule, stages, optimizer) -> ProcessEngine:
                               f"({[s.parts for s in stages]}) than on rank 0 ({parts[0]}); give it a `groups` "
                               "argument (the partition rank 0 chose) to run it over processes")
         stages = rule.stage_defs(k, None, concurrent=True, groups=parts[0])  # the same cut: rank 0 checked it
+    backward = any(getattr(s, "send_back", None) or getattr(s, "receive_back", None) for s in stages)
+    if backward and "staleness" not in engine_kw:  # the delay must be trainer.staleness, not a silent default
+        raise CannotStage("these stages exchange backward messages: bpfree.parallel.build_engine must pass "
+                          "staleness=<trainer.staleness or the backend's default> to build_process_engine")
     return ProcessEngine(stages, StagedOptimizers(optimizer, stages), "processes", rank=rank, world=world,
-                         device=device, dist_backend=backend, owned=stage_state(rule, stages))
+                         device=device, dist_backend=backend, owned=stage_state(rule, stages), **engine_kw)

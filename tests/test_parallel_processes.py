@@ -104,3 +104,48 @@ def test_three_stage_processes_pass_messages_through_a_middle_rank(compose_run, 
     assert proc["timing"]["parallel"]["world_size"] == 3 and proc["timing"]["parallel"]["parts"] == [[0], [1], [2]]
     _same(w_seq, w_proc)
     assert _curve(proc) == _curve(seq)
+
+
+# ---- stages with backward messages (synthetic gradients: StageDef.send_back / receive_back, trainer.staleness)
+SG = ["model=mlp_depth", "model.depth=3", "model.width=32", "data.subset=620", "data.test_subset=300",
+      "trainer.epochs=2", "trainer.batch_size=64", "optim=adam", "optim.lr=1e-3", "trainer.num_threads=1",
+      "trainer.check_every=4"]
+
+
+def _staged_sg_rules() -> bool:
+    from bpfree.registry import RULES
+
+    return "sg_linear" in RULES and hasattr(RULES.get("sg_linear"), "stage_defs")
+
+
+@pytest.mark.parametrize("method, stages", [
+    pytest.param(["method=sg_linear", "method.split=[l1,l2]", "method.target=bootstrap"], 3,  # a middle rank
+                 marks=pytest.mark.slow),                                                   # sends down too
+    (["method=vfbn", "method.split=l2"], 2),
+], ids=["sg_linear-bootstrap-3", "vfbn-2"])
+def test_processes_carry_backward_messages_with_the_same_staleness(compose_run, tmp_path, method, stages):
+    """Each stage's synthesizer learns from the true gradient the stage above sends down (rank k+1 -> k). At
+    staleness 1 (the processes default) the weights and per-epoch metrics equal the sequential schedule's at
+    staleness 1 (the delay is fixed, not timing-dependent); at staleness 0 they equal the rule's synchronous
+    train_step (lock-step)."""
+    import bpfree.rules  # noqa: F401 - fills RULES
+
+    if not _staged_sg_rules():
+        pytest.skip("the synthetic-gradient rules declare no stages on this branch (bpfree/rules/synthetic.py)")
+    k = [f"trainer.stages={stages}"]
+
+    def go(name, extra):
+        rec = run(compose_run([*SG, *method, *k, f"run_name={name}", f"checkpoint_dir={tmp_path / name}", *extra]))
+        return rec, torch.load(tmp_path / name / "last.pt", weights_only=False)["rule"]
+
+    def curve(rec):
+        return [{k: v for k, v in e.items() if "seconds" not in k} for e in rec["metrics"]["per_epoch"]]
+
+    seq1, w_seq1 = go("seq1", ["trainer.parallel=sequential", "trainer.staleness=1"])
+    proc1, w_proc1 = go("proc1", ["trainer.parallel=processes"])
+    _same(w_seq1, w_proc1)
+    assert curve(proc1) == curve(seq1)
+    assert {v for kk, v in proc1["metrics"]["final"].items() if kk.startswith("train_sg_staleness_steps/")} == {1.0}
+    plain, w_plain = go("plain", [])
+    proc0, w_proc0 = go("proc0", ["trainer.parallel=processes", "trainer.staleness=0"])
+    _same(w_plain, w_proc0)
