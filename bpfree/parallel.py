@@ -27,15 +27,11 @@ drain). d = 0 in order is the rule's synchronous train_step, bit for bit; d = 1 
 stage k train on batch b+1 while stage k+1 finishes batch b, the synthesizer's target then one step old.
 The delay is fixed, not timing-dependent: threads and sequential at the same d give identical weights
 (tests/test_parallel.py). Each receiving stage reports it (`sg_staleness_steps/<split>` in the record).
-The engine writes `StageDef.staleness` before the first batch. The `processes` backend (bpfree/distributed.py)
-does not carry backward messages yet (build_engine refuses such stages there); to carry them it would, on
-rank k, after forward_backward of batch b and isending the outputs on, recv rank k+1's message of batch
-b - d (its own header channel from k+1, beside the one from k-1), call receive_back, isend send_back()'s
-tensors to rank k-1, then step; after the last batch recv the d messages still due (the drain, one step
-each). Engine._front / _back / _drain are those steps; Engine._threads is the reference schedule.
+The engine writes `StageDef.staleness` before the first batch. The `processes` backend
+(bpfree/distributed.py) carries the same messages in the same order (rank k+1 down to rank k).
 
-Not here (yet): backward messages over processes (above), and target: bp through a middle stage at d >= 1
-(its message down would wait for the one from above: the delays add up; refused, use target: bootstrap).
+Not here (yet): target: bp through a middle stage at d >= 1 (its message down would wait for the one from
+above: the delays add up; refused, use target: bootstrap).
 """
 from __future__ import annotations
 
@@ -176,11 +172,12 @@ class Engine:
                 "staleness": self.staleness}
 
     def _run_stage(self, k: int, inputs: tuple) -> tuple[tuple, dict]:
-        """One batch of a stage without backward messages: forward_backward, step, after_step."""
+        """One batch of a stage without backward messages: forward_backward, step, after_step (the
+        processes backend's path for such stages)."""
         st = self.stages[k]
         if st.send_back is not None or st.receive_back is not None:
-            raise CannotStage(f"stage {st.name!r} exchanges backward messages (send_back / receive_back), which "
-                              f"trainer.parallel={self.backend} does not carry yet; use sequential or threads")
+            raise RuntimeError(f"stage {st.name!r} exchanges backward messages (send_back / receive_back): "
+                               "run it through Engine._front / _back / _drain, as the backends do")
         outputs, s = self._front(k, inputs)
         return outputs, merge(s, self._back(k, None)[1])
 
@@ -376,14 +373,11 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         raise CannotStage(f"{type(rule).__name__}'s stages leave parameters untrained: {missing[:5]}")
-    if backend == "processes" and any(s.send_back or s.receive_back for s in stages):
-        raise CannotStage(f"{type(rule).__name__}'s stages send gradients back (the synthesizer's target), which "
-                          "trainer.parallel=processes does not carry yet; use trainer.parallel=threads or sequential")
+    d = DEFAULT_STALENESS[backend] if staleness is None else staleness
     if backend == "processes":  # one process per stage, this one trains one of them: bpfree/distributed.py
         from bpfree.distributed import build_process_engine
 
-        return build_process_engine(rule, stages, optimizer)
+        return build_process_engine(rule, stages, optimizer, staleness=d)
     if backend == "threads":
         torch.set_num_threads(1)  # one core per stage: the stages are the parallelism
-    d = DEFAULT_STALENESS[backend] if staleness is None else staleness
     return Engine(stages, StagedOptimizers(optimizer, stages), backend, staleness=d)

@@ -264,13 +264,9 @@ def bench_case(case: str, steps: int, microbatches: int, out: Path) -> None:
                "bubble": 1 - sum(busy) / (len(busy) * staged["wall_s"]),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     row("staged", "threads", staged, 1, 2)
-    if "staleness_steps" in staged:  # stages that send gradients back: see bpfree.parallel.build_engine
-        row("staged", "processes", {"skipped": "the processes backend does not carry backward messages "
-                                               "(the synthesizer's target) yet"}, 1, 2)
-    else:
-        proc = staged_processes(_cfg(overrides, bs, 1, "processes"), data, a.steps)
-        proc |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": proc["samples_per_s"] / ideal}
-        row("staged", "processes", proc, 1, 2)
+    proc = staged_processes(_cfg(overrides, bs, 1, "processes"), data, a.steps)
+    proc |= {"ideal_samples_per_s": ideal, "fraction_of_ideal": proc["samples_per_s"] / ideal}
+    row("staged", "processes", proc, 1, 2)
     for r in rows:
         if "samples_per_s" in r:
             r["ratio_to_bp_best"] = r["samples_per_s"] / best["samples_per_s"]
