@@ -366,8 +366,10 @@ def build_engine(rule, optimizer: torch.optim.Optimizer, backend: str, k: int, s
         raise CannotStage(f"unknown trainer.parallel={backend!r}; valid: null, {', '.join(BACKENDS)}")
     import copy
 
-    kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics
-    stages = rule.stage_defs(k, sample, concurrent=backend != "sequential")
+    kept = copy.deepcopy(rule.state_dict())  # measuring stage costs must not move weights or BN statistics,
+    cuda = [sample[0].device] if sample is not None and sample[0].is_cuda else []
+    with torch.random.fork_rng(devices=cuda):  # nor the random stream (a model's random crops draw from it)
+        stages = rule.stage_defs(k, sample, concurrent=backend != "sequential")
     rule.load_state_dict(kept)
     covered = {id(p) for s in stages for p in s.params}
     missing = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in covered]

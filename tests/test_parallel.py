@@ -200,3 +200,23 @@ def test_late_targets_on_maps_count_each_batch_once_in_batchnorm(rule_kw):
     assert counts and set(counts.values()) == {steps}, counts
     stats = [k for k in thr if k.startswith("synths") and k.endswith("running_mean")]
     assert any(not torch.equal(plain[k], thr[k]) for k in stats)  # the late targets did train differently
+
+
+@pytest.mark.slow  # loads cifar10_jpeg (~15 s)
+def test_measuring_stage_costs_leaves_the_random_stream_alone():
+    """build_engine times the stages on a training batch; the ResNet's random training views draw from
+    torch's generator, so without care a staged run would see other crops than its synchronous twin."""
+    import torch.nn.functional as F
+
+    from bpfree.data import load_dataset
+    from bpfree.models import build_model
+    from bpfree.parallel import build_engine
+    from bpfree.rules import build_rule
+    from tests.conftest import CACHE, data_root
+
+    data = load_dataset("cifar10_jpeg", root=str(data_root()), cache_dir=str(CACHE), subset=8, test_subset=8)
+    model = build_model("resnet14_vfbn", (3, 32, 32), 10)  # train_views: vfbn (random crops and flips)
+    rule = build_rule("local_supervised", model, lambda o, y: F.nll_loss(o, y), split="s2b1")
+    before = torch.get_rng_state()
+    build_engine(rule, torch.optim.SGD(rule.parameters(), lr=0.1), "sequential", 2, (data.train.x, data.train.y))
+    assert torch.equal(before, torch.get_rng_state())
