@@ -29,11 +29,8 @@ test: install ## fast test suite (a few minutes on 2 CPU cores)
 test-slow: install ## slower checks (full datasets, longer training)
 	$(PY) -m pytest -m slow
 
-tables: install ## rebuild results/tables/ from the committed records (no training)
+tables: install ## rebuild results/tables/ (tables and their figures, experiments/*/tables.yaml) from the committed records
 	$(PY) -m bpfree.tables
-	$(PY) scripts/plot_feedback.py
-	$(PY) experiments/associated-learning/figures.py --render   # associated-learning Figures 5-6 (t-SNE) -> results/figures/
-	$(PY) experiments/backprop-free-transformers/figures.py   # figures the table specs ask for (accuracy/alignment vs depth)
 
 # a casual `make bench` writes the ignored runs/bench; BENCH_OUT=results/bench refreshes the committed rows
 BENCH_OUT ?= runs/bench

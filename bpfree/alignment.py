@@ -3,20 +3,25 @@
 Two angles, both in degrees (0 = same direction, 90 = orthogonal, 180 = opposite):
 - `angle(B, W)`: how far a layer's feedback matrix is from the transpose of its forward weights.
   Feedback matrices are stored in W's own shape (out, in[, kh, kw]), so "B vs Wᵀ" is `angle(B, W)`.
-- `gradient_angles(rule_grads, true_grads)`: how far a rule's weight update is from the true
-  backprop gradient, layer by layer, on the same batch. Learning happens while this stays below 90°
-  (Lillicrap et al. 2016, Fig. 2); it is what diagnoses a low accuracy.
+- `grad_alignment(mine, true)`: how far a rule's update (or synthetic gradient) is from the true
+  backprop one, entry by entry (layer weights, split streams), on the same batch: the angle by default,
+  also cosines and norm ratios. Learning happens while the angle stays below 90° (Lillicrap et al.
+  2016, Fig. 2); it is what diagnoses a low accuracy. `rule_and_true_grads(rule, x, y, weights)`
+  measures the two weight gradients of a rule that fills .grad in `compute_grads`.
 
-Only plain tensors and modules go in; rules decide which parameters they report.
+Every rule that reports an alignment with the true gradient goes through `grad_alignment`; rules decide
+which tensors they compare and under which key prefix.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from bpfree.models.surgery import layer_names  # noqa: F401 - short layer names, re-exported
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,15 +44,6 @@ def true_gradients(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[
     return {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, grads)}
 
 
-def gradient_angles(rule_grads: dict[str, torch.Tensor], true_grads: dict[str, torch.Tensor],
-                    prefix: str = "angle_grad/") -> dict[str, float]:
-    """Per-layer angle between a rule's update direction and the true gradient (same keys)."""
-    missing = set(true_grads) - set(rule_grads)
-    if missing:
-        raise KeyError(f"no rule gradient for {sorted(missing)}")
-    return {f"{prefix}{n}": angle(rule_grads[n], true_grads[n]) for n in true_grads}
-
-
 @contextmanager
 def saved_grads(params: Iterable[torch.Tensor]):
     """Run a gradient computation for measurement only: .grad of every parameter is put back as it
@@ -61,19 +57,6 @@ def saved_grads(params: Iterable[torch.Tensor]):
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-
-
-def layer_names(model: nn.Module, kinds=(nn.Linear, nn.Conv2d)) -> dict[str, nn.Module]:
-    """Short, stable names for a model's weight layers, in module order: 'blocks.' is dropped, and a
-    block holding a single such layer is named by the block alone (MLP l1..l5, CNN c1..out, ResNet
-    stem, s1b1.conv1, ..., head)."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-    short = [n[len("blocks."):] if n.startswith("blocks.") else n for n, _ in found]
-    heads = [s.split(".")[0] for s in short]
-    out = {}
-    for s, h, (_, m) in zip(short, heads, found):
-        out[h if heads.count(h) == 1 else s] = m
-    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,3 +81,39 @@ def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     if nb == 0:
         return 1.0 if na == 0 else math.inf
     return na / nb
+
+
+# metric name -> f(mine, true) for one pair of same-shape tensors
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
+    "angle": angle, "cos": cosine, "cos_sample": sample_cosine, "norm_ratio": norm_ratio}
+
+
+def grad_alignment(mine: dict[str, torch.Tensor], true: dict[str, torch.Tensor],
+                   keys: dict[str, str] | None = None) -> dict[str, float]:
+    """Compare a rule's gradients with the true ones, entry by entry (same names in both).
+    keys: record-key prefix -> metric (METRICS), default {"angle_grad/": "angle"}; each entry n gives
+    `prefix + n` per metric, e.g. {"sg_cos/": "cos", "sg_norm_ratio/": "norm_ratio"}."""
+    keys = {"angle_grad/": "angle"} if keys is None else keys
+    missing = set(true) - set(mine)
+    if missing:
+        raise KeyError(f"no rule gradient for {sorted(missing)}")
+    for metric in keys.values():
+        if metric not in METRICS:
+            raise ValueError(f"unknown alignment metric {metric!r}; valid: {', '.join(METRICS)}")
+    return {f"{prefix}{n}": METRICS[metric](mine[n], true[n]) for prefix, metric in keys.items() for n in true}
+
+
+@torch.enable_grad()
+def rule_and_true_grads(rule: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: dict[str, torch.Tensor],
+                        exact=None, step: Callable[[], object] | None = None):
+    """(the rule's update direction, the true gradient of the task loss) for each named weight on
+    (x, y), leaving every .grad as it was. The rule's comes from `step()` (default:
+    rule.compute_grads(x, y)), read from .grad (zero where it leaves none); the true one from
+    autograd of rule.loss_fn(rule.model(x), y), inside the context `exact` when the rule rewires the
+    model's backward (feedback rules' exact_backward)."""
+    with saved_grads(rule.parameters()):
+        (step or (lambda: rule.compute_grads(x, y)))()
+        mine = {n: torch.zeros_like(w) if w.grad is None else w.grad.clone() for n, w in weights.items()}
+    with exact if exact is not None else nullcontext():
+        true = true_gradients(rule.loss_fn(rule.model(x), y), weights)
+    return mine, true

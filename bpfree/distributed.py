@@ -168,7 +168,8 @@ def _spawn_group(c: dict, k: int, backend: str, device: torch.device):
     if k == 1:  # one stage: a group of one, nothing to spawn
         _init(0, 1, f"tcp://127.0.0.1:{port}", backend, device, 0)
         return None
-    ctx = mp.start_processes(_spawned, args=(c, port, k, backend), nprocs=k - 1, join=False, start_method="spawn")
+    with _stdlib_start_method():
+        ctx = mp.start_processes(_spawned, args=(c, port, k, backend), nprocs=k - 1, join=False, start_method="spawn")
     failed: list[BaseException] = []
 
     def init():
@@ -191,6 +192,24 @@ def _spawn_group(c: dict, k: int, backend: str, device: torch.device):
         _terminate(ctx)
         raise failed[0]
     return ctx
+
+
+@contextlib.contextmanager
+def _stdlib_start_method():
+    """A spawned child re-applies its parent's global start method; inside a joblib (loky) worker, as under
+    hydra/launcher=joblib, that is 'loky', which a plain child cannot find: spawn with 'spawn' meanwhile."""
+    import multiprocessing
+    import multiprocessing.context as mpc
+
+    if multiprocessing.get_start_method(allow_none=True) in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    kept = mpc._default_context._actual_context
+    mpc._default_context._actual_context = mpc._default_context.get_context("spawn")
+    try:
+        yield
+    finally:
+        mpc._default_context._actual_context = kept
 
 
 def _terminate(ctx) -> None:

@@ -1,5 +1,5 @@
-"""Records + table specs + the papers' reported numbers -> results/tables/<paper>__<table>.{md,csv} (+ a
-learning-curve PNG). `python -m bpfree.tables` (make tables). Nothing here trains; every number of ours
+"""Records + table specs + the papers' reported numbers -> results/tables/<paper>__<table>.{md,csv} (+ the
+table's figures, bpfree/plots.py). `python -m bpfree.tables` (make tables). Nothing here trains; every number of ours
 comes from a record, every paper number from results/reference.yaml, and a cell with no records says why.
 A table's layout (rows, columns, metrics, not_run, borrow, ...) is its spec in experiments/<paper>/tables.yaml.
 
@@ -18,11 +18,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bpfree.plots import render as render_figures
 from bpfree.records import read_records
 
 DEFAULT_REFERENCE = "results/reference.yaml"
 DEFAULT_SPECS = "experiments"
 DEFAULT_SPEC = {"metrics": ["test_acc"], "select": "best"}  # a table of records with no spec yet
+_ALT = {"": "learning curves", "__diagnostics": "rule diagnostics"}  # alt text of a table's two standard figures
 
 
 def _paper_value(reported: dict, row: str, col: str, metric: str, single: bool):
@@ -167,84 +169,6 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _plot_curves(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
-    """Mean per-epoch curve of the table's first metric, one line per (row, column, scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = spec["metrics"][0]
-    groups: dict[str, list[list[float]]] = defaultdict(list)
-    for r in records:
-        series = [e[metric] for e in r["metrics"]["per_epoch"] if metric in e]
-        if series:
-            groups[f"{r['row']} / {r['column']} [{r['scale']}]"].append(series)
-    if not groups:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, runs in sorted(groups.items()):
-        n = min(len(s) for s in runs)
-        mean = [sum(s[i] for s in runs) / len(runs) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, marker="o", ms=3, label=f"{label} (n={len(runs)})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{paper} {table}: {metric} per epoch (mean over seeds)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _plot_diagnostics(paper: str, table: str, spec: dict, records: list[dict], path: Path) -> bool:
-    """Per-epoch rule diagnostics (e.g. abs_cos_l2-l4: cosine between the rule's gradient and the true
-    one): one subplot per (diagnostic key, column), one line per row (method), mean over seeds.
-    Plotted keys are those starting with a prefix listed in the table spec's `diagnostics`."""
-    prefixes = tuple(spec.get("diagnostics", []))
-    if not prefixes:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)  # (key, column, row)
-    for r in records:
-        keys = {k for e in r["metrics"]["per_epoch"] for k in e if k.startswith(prefixes)}
-        for k in keys:
-            series[(k, r["column"], f"{r['row']} [{r['scale']}]")].append(
-                [e[k] for e in r["metrics"]["per_epoch"] if k in e])
-    if not series:
-        return False
-    keys = sorted({k for k, _, _ in series})
-    cols = [c for c in spec.get("columns", []) if any(c == col for _, col, _ in series)]
-    cols += sorted({c for _, c, _ in series} - set(cols))
-    fig, axes = plt.subplots(len(keys), len(cols), figsize=(max(6.0, 4.2 * len(cols)), 2.8 * len(keys)),
-                             squeeze=False)
-    for i, k in enumerate(keys):
-        for j, c in enumerate(cols):
-            ax = axes[i][j]
-            for (kk, cc, row), runs in sorted(series.items()):
-                if (kk, cc) != (k, c):
-                    continue
-                n = min(len(s) for s in runs)
-                ax.plot(range(1, n + 1), [sum(s[t] for s in runs) / len(runs) for t in range(n)],
-                        marker="o", ms=3, label=f"{row} (n={len(runs)})")
-            ax.set_title(f"{c}: {k}", fontsize=8)
-            ax.set_xlabel("epoch", fontsize=7)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=7)
-            if ax.lines:
-                ax.legend(fontsize=6)
-    fig.suptitle(f"{paper} {table}: rule diagnostics per epoch\n(fixed probe batch; mean over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -346,12 +270,11 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
             "",
         ]
         body = _markdown(df) if len(df) else "_no cells_"
-        figure = ""
-        if plots and ran and _plot_curves(paper, table, spec, ran, stem.with_suffix(".png")):
-            figure = f"\n\n![learning curves]({stem.name}.png)\n"
-        diag = stem.parent / f"{stem.name}__diagnostics.png"
-        if plots and ran and _plot_diagnostics(paper, table, spec, ran, diag):
-            figure += f"\n![rule diagnostics]({diag.name})\n"
+        # the figures read the cells' records: status ok, one per seed (bpfree/plots.py)
+        pngs = render_figures(paper, table, spec, [r for r in _one_per_seed(ran)[0] if r["status"] == "ok"],
+                              out) if plots else []
+        figure = "\n" + "".join(f"\n![{_ALT.get(p.stem[len(stem.name):], p.stem[len(stem.name) + 2:])}]({p.name})\n"
+                                 for p in pngs) if pngs else ""
         _atomic_write(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
         written.append(stem.with_suffix(".md"))
     return written

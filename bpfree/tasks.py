@@ -161,7 +161,7 @@ class Translation(Task):
 
     def final(self, rule, data, batch_size: int) -> dict:
         """Scores of the selected weights on the test set (and after ablation, if configured)."""
-        from bpfree.models import ablated
+        from bpfree.models.surgery import ablated
 
         model = rule.model
         rule.eval()

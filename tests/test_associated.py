@@ -214,21 +214,6 @@ def test_class_distances_match_their_definition():
     assert d["ratio"] == pytest.approx(5.0)
 
 
-def test_figures_render_bp_above_al(tmp_path):
-    render = _figures().render
-
-    recs = []
-    for m in ("bp", "al"):
-        f = tmp_path / f"{m}.npz"
-        rng = np.random.default_rng(0)
-        np.savez(f, y=rng.integers(0, 10, 50).astype(np.int8), layers=np.array(["raw", "l2"]),
-                 emb_raw=rng.normal(size=(50, 2)), emb_l2=rng.normal(size=(50, 2)))
-        recs.append({"paper": "associated-learning", "table": "table7", "features": str(f), "model": "mlp",
-                     "dataset": "mnist", "method": m, "scale": "cpu"})
-    out = render(recs, tmp_path / "fig")
-    assert [p.name for p in out] == ["al_fig5_mlp_mnist.png"] and out[0].stat().st_size > 1000
-
-
 # ---- issue 12: AL on ResNet-20 predicted a constant (0.1000) -------------------------------------
 def _class_spread(rule) -> list[float]:
     """Per target level t_1..t_L: std over the classes (mean over units) of the encoders' codes."""

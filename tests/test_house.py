@@ -52,3 +52,25 @@ def test_no_method_or_table_name_is_compared_to_a_string_outside_its_own_file():
             if pattern.search(line) and "# name-ok" not in line:
                 offenders.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def _library_lines():
+    for f in [ROOT / "run.py", *sorted((ROOT / "bpfree").rglob("*.py")), *sorted((ROOT / "scripts").glob("*.py"))]:
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            yield f.relative_to(ROOT).as_posix(), i, line
+
+
+@pytest.mark.parametrize("home, pattern, what", [
+    ("bpfree/models/surgery.py", r"\.named_children\(|\.forward\s*=[^=]",
+     "module surgery (swapping children, bypassing a block's forward)"),
+    ("bpfree/alignment.py", r"\btrue_gradients\(|cosine_similarity\(|\bacos\(",
+     "gradient-alignment measurement (true gradients, cosines, angles)"),
+])
+def test_one_home_for_module_surgery_and_gradient_alignment(home, pattern, what):
+    """Module swaps and ablation live in bpfree/models/surgery.py, gradient-alignment measurements in
+    bpfree/alignment.py (rules call `surgery.swap`, `grad_alignment`): nothing else re-implements them."""
+    rx = re.compile(pattern)
+    hits = [(f, i, line) for f, i, line in _library_lines() if rx.search(line)]
+    assert any(f == home for f, _, _ in hits), f"the check found nothing in {home}: it would pass vacuously"
+    offenders = [f"{f}:{i}: {line.strip()}" for f, i, line in hits if f != home]
+    assert offenders == [], f"{what} outside {home}"

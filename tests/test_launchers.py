@@ -21,15 +21,19 @@ def _run_py(args, tmp_path):
 
 
 def test_joblib_launcher_runs_two_jobs_in_parallel_processes(tmp_path):
-    out = _run_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "data.subset=128",
+    """Two jobs at once in joblib's (loky) worker processes; one of them spawns its own stage process
+    (trainer.parallel=processes) from inside its worker."""
+    out = _run_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.parallel=null,processes",
+                   "method=al", "model=mlp1024", "model.hidden=[48,48,160,48,48]", "data.subset=128",
                    "data.test_subset=100", "trainer.epochs=1", "trainer.num_threads=1", "trainer.progress=false",
-                   f"records_dir={tmp_path / 'records'}", f"checkpoint_dir={tmp_path / 'ckpt'}/${{seed}}",
+                   f"records_dir={tmp_path / 'records'}", f"checkpoint_dir={tmp_path / 'ckpt'}/${{trainer.parallel}}",
                    f"hydra.sweep.dir={tmp_path / 'multirun'}"], tmp_path)
     assert "Joblib.Parallel(n_jobs=2" in out  # the plugin, not the basic launcher, ran the sweep
     records = sorted((tmp_path / "records").rglob("*.json"))
     assert len(records) == 2
     recs = [json.loads(r.read_text()) for r in records]
-    assert sorted(r["config"]["seed"] for r in recs) == [0, 1] and all(r["status"] == "ok" for r in recs)
+    assert all(r["status"] == "ok" for r in recs)
+    assert sorted(str(r["timing"].get("parallel", {}).get("world_size")) for r in recs) == ["2", "None"]
 
 
 def test_slurm_launcher_config_composes(tmp_path):

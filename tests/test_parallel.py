@@ -35,8 +35,10 @@ def test_pipelined_al_equals_sequential_al_bit_for_bit(compose_run, tmp_path):
         return [{k: v for k, v in e.items() if "seconds" not in k and k not in drop} for e in r["metrics"]["per_epoch"]]
     assert curve(plain) == curve(seq)
     # concurrently, AL's training-batch accuracy would decode through decoders other stages are moving:
-    # the threads backend leaves it out rather than report a timing-dependent figure (bpfree/parallel.py)
-    assert curve(thr) == curve(seq, drop=("train_acc",)) and "train_acc" not in thr["metrics"]["final"]
+    # the threads backend leaves it out rather than report a timing-dependent figure (bpfree/parallel.py);
+    # for the same reason its `loss` is the sum of the local objectives, not eq. 8's task loss (al's stage_defs)
+    assert curve(thr, drop=("train_loss",)) == curve(seq, drop=("train_acc", "train_loss"))
+    assert "train_acc" not in thr["metrics"]["final"]
     assert thr["config"]["trainer"]["parallel"] == "threads"
 
 

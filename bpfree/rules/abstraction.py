@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bpfree.models import blocks, span
+from bpfree.alignment import grad_alignment
+from bpfree.models import surgery
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
 
@@ -102,25 +103,10 @@ class Abstraction(LearningRule):
         if mode not in MODES:
             raise ValueError(f"unknown abstraction mode {mode!r}; valid: {MODES}")
         self.mode = mode
-        self.regions: list[tuple[str, str]] = []
-        taken: dict[str, str] = {}
-        for region in regions:
-            if len(region) != 2:
-                raise ValueError(f"a region is [first, last] layer names, got {list(region)}")
-            first, last = str(region[0]), str(region[1])
-            names = span(model, first, last)
-            for n in names:
-                if n in taken:
-                    raise ValueError(f"regions overlap: {n} is in both {taken[n]} and {first}-{last}")
-                taken[n] = f"{first}-{last}"
-            self.regions.append((first, last))
+        self.regions = surgery.regions(model, regions)  # [(first, last)], disjoint, names checked
         self._inputs: dict[str, torch.Tensor] = {}   # region key -> h_in of the current forward
         self._probe: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # set by diagnostics
-        b = blocks(model)
-        for first, last in self.regions:
-            key = f"{first}-{last}"
-            b[first].register_forward_pre_hook(self._enter(key))
-            b[last].register_forward_hook(self._leave(key))
+        surgery.region_hooks(model, self.regions, self._enter, self._leave)
 
     def _enter(self, key):
         def hook(module, args):
@@ -177,8 +163,7 @@ class Abstraction(LearningRule):
             if g_true is None or g_i is None:  # region starts at the model input: nothing to compare
                 continue
             g_abs = map_gradient(self.mode, g_i, h_in, h_out, key)
-            out[f"abs_cos_{key}"] = float(F.cosine_similarity(g_abs.flatten(), g_true.flatten(), dim=0))
-            out[f"abs_norm_ratio_{key}"] = float(g_abs.norm() / g_true.norm().clamp_min(1e-30))
+            out |= grad_alignment({key: g_abs}, {key: g_true}, {"abs_cos_": "cos", "abs_norm_ratio_": "norm_ratio"})
             d_in, d_out = h_in.shape[-1], h_out.shape[-1]
             hi, ho = h_in.reshape(-1, d_in), h_out.reshape(-1, d_out)
             half = len(hi) // 2

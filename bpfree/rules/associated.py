@@ -27,10 +27,15 @@ Activations follow §5.1: `f_activation` (ELU) in the f blocks, `t_activation` (
 encoders and decoders; the rule swaps the model's activation modules at construction. y_hat lies in
 (0, 1)^classes; `predict` returns log(y_hat / sum(y_hat)), log-probabilities with the same argmax, so the
 loop's NLL test_loss is defined (it is not what AL minimises).
+
+A training step reports `loss` = that task loss of eq. 8 on the batch (the LearningRule contract;
+computed as `acc` is, from the step's own top-bridge output through the just-updated decoders:
+`loss_straddles_step`), and the local objectives it minimises under their own keys `assoc{i}`,
+`ae{i}`. Pipelined over threads (stage_defs(concurrent=True)) eq. 8 is not defined mid-step: there
+`loss` is the sum of the local objectives and `acc` is not reported.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 
@@ -38,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.models import blocks as model_blocks
+from bpfree.models import surgery
+from bpfree.models.surgery import blocks as model_blocks
 from bpfree.models.init import he_normal_
 from bpfree.models.mlp import ACTIVATIONS
 from bpfree.registry import RULES
@@ -49,14 +55,7 @@ _ACTS = (nn.ReLU, nn.ELU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.LogSoftmax, nn.Softma
 
 
 def _swap_activations(module: nn.Module, make) -> int:
-    n = 0
-    for name, child in module.named_children():
-        if isinstance(child, _ACTS):
-            setattr(module, name, make())
-            n += 1
-        else:
-            n += _swap_activations(child, make)
-    return n
+    return len(surgery.swap(module, lambda m: isinstance(m, _ACTS), lambda m: make()))
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -177,7 +176,7 @@ class AssociatedLearning(LearningRule):
         fold, used = [], []
         for group in components:
             pats = [group] if isinstance(group, str) else list(group)
-            got = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+            got = surgery.match(names, pats)
             if not got:
                 raise ValueError(f"al component {pats} matches no block of {model_name}; blocks: {names}")
             fold.append(got)
@@ -189,16 +188,10 @@ class AssociatedLearning(LearningRule):
 
     # ---- the pieces of the fold -------------------------------------------------------------
     def _entry(self, x: torch.Tensor) -> torch.Tensor:
-        # models whose first block is a Linear (the MLP) flatten the image in forward(), outside blocks
-        first = next(iter(model_blocks(self.model).values()))
-        lead = next((m for m in first.modules() if not isinstance(m, nn.Sequential)), None)
-        return x.flatten(1) if isinstance(lead, nn.Linear) and x.dim() > 2 else x
+        return surgery.entry(self.model, x)
 
     def _run(self, names, z):
-        blocks = model_blocks(self.model)
-        for n in names:
-            z = blocks[n](z)
-        return z
+        return surgery.run_blocks(self.model, names, z)
 
     def _f(self, i: int, s):  # f_i, i = 1..L
         return self._run(self.fold[i - 1], s)
@@ -307,13 +300,13 @@ class AssociatedLearning(LearningRule):
                     total = total + assoc + ae + self.l2_penalty(i)
                     out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
                 total.backward()
-                out["loss"] = total.detach()  # this stage's share; the engine sums the stages' shares
+                if concurrent:  # eq. 8's task loss needs every stage's decoder at once: the stages' shares
+                    out["loss"] = total.detach()  # of the local objectives (summed by the engine) stand in
                 last["s_bridged"], last["y"] = s_bridged.detach(), y
                 return (s.detach(), t.detach(), y), out
 
-            @torch.no_grad()
-            def accuracy():  # eq. 8 on this batch with the just-updated decoders, as train_step
-                return {"acc": (self._decode(last["s_bridged"]).argmax(1) == last["y"]).float().mean()}
+            def accuracy():  # eq. 8's loss and accuracy on this batch with the just-updated decoders, as train_step
+                return self.eq8_scalars(last["s_bridged"], last["y"])
 
             return forward_backward, (accuracy if comps[-1] == L and not concurrent else None)
 
@@ -325,31 +318,48 @@ class AssociatedLearning(LearningRule):
         return stages
 
     # ---- LearningRule interface ---------------------------------------------------------------
-    def train_step(self, x, y, optimizer):
-        self._check_optimizer(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+    # `loss` is eq. 8's task loss measured as `acc` is: from the step's own top-bridge output through the
+    # just-updated decoders (a pipelined step, stage_defs, has updated the lower components' decoders
+    # before its last stage runs, so this is what both schedules can report, identically)
+    loss_straddles_step = True
+
+    def compute_grads(self, x, y):
         s, t = self._entry(x), self._targets(y)
         total, out = 0.0, {}
         for i in range(1, len(self.fold) + 1):
             assoc, ae, s, t, s_bridged = self.local_objective(i, s, t)
             total = total + assoc + ae + self.l2_penalty(i)
-            out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
+            out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()  # the local objectives
         # one backward of the sum = each component's own backward: the boundaries are detached, so
         # d(total)/d(theta_i) = d(local_i)/d(theta_i) exactly (tested)
         total.backward()
-        optimizer.step()
-        with torch.no_grad():  # eq. 8 on this batch, from the top bridge output already computed
-            acc = (self._decode(s_bridged).argmax(1) == y).float().mean()
-        out["loss"] = total.detach()   # the sum of the local objectives: what AL minimises
-        out["acc"] = acc               # training-batch accuracy of eq. 8 (Table 6's train accuracy)
+        self._s_bridged = s_bridged.detach()
         return out
+
+    def train_step(self, x, y, optimizer):
+        self._check_optimizer(optimizer)
+        out = super().train_step(x, y, optimizer)
+        s_bridged, self._s_bridged = self._s_bridged, None
+        return out | self.eq8_scalars(s_bridged, y)
+
+    @torch.no_grad()
+    def eq8_scalars(self, s_bridged, y) -> dict[str, torch.Tensor]:
+        """eq. 8 on a training batch from its top-bridge output (computed by the step, so only the
+        decoders run): `loss`, the task loss of the prediction, and `acc` (Table 6's train accuracy)."""
+        y_hat = self._decode(s_bridged)
+        return {"loss": self.loss_fn(self._log_probs(y_hat), y), "acc": (y_hat.argmax(1) == y).float().mean()}
+
+    @staticmethod
+    def _log_probs(y_hat):
+        """eq. 8's y_hat in (0, 1)^classes -> log(y_hat / sum(y_hat)): log-probabilities, same argmax."""
+        y_hat = y_hat.clamp_min(1e-12)
+        return torch.log(y_hat / y_hat.sum(1, keepdim=True))
 
     def predict(self, x):
         s = self._entry(x)
         for i in range(1, len(self.fold) + 1):
             s = self._f(i, s)
-        y_hat = self._decode(self._bridge(len(self.fold), s)).clamp_min(1e-12)  # eq. 8
-        return torch.log(y_hat / y_hat.sum(1, keepdim=True))
+        return self._log_probs(self._decode(self._bridge(len(self.fold), s)))  # eq. 8
 
     @torch.no_grad()
     def diagnostics(self, x, y):

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree.models import surgery
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
 from bpfree.similarity import linear_cka, relative_distance
@@ -71,7 +72,7 @@ def chain_shapes(model: nn.Module) -> tuple[list[tuple[int, ...]], list[tuple[in
     if not isinstance(blocks, nn.ModuleDict) or len(blocks) < 2 or shape is None:
         raise UnsupportedModel(f"{need} (>= 2 blocks) and an input_shape; {type(model).__name__} has not")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for b in blocks.values()]
+    hooks = surgery.output_hooks(model, list(blocks), lambda _: lambda m, args, out: seen.append((args[0], out)))
     was_training = model.training
     try:
         model.eval()
@@ -129,6 +130,7 @@ class AuxiliaryActivations(LearningRule):
         self._twin_opt, self._twin_opt_pending = None, None
         self._train = self._test = None
         self._batch_is_data = False  # bound to one batch by a train_step without indices (bench)
+        self._batch = None  # (idx, Z leaves) of the step in progress, from train_step to after_step
 
     # ----------------------------------------------------------------------------------- state
     def aux_gb(self, n: int) -> float:
@@ -213,18 +215,28 @@ class AuxiliaryActivations(LearningRule):
             idx = self._batch_as_data(x, y)
         if self._train is None:
             raise RuntimeError("aux: call rule.prepare(train, test) before training (fit does)")
-        zs = self.inputs(x, idx)
-        terms = self.layer_losses(zs, y)
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms).backward()
-        optimizer.step()
-        if self.z_lr > 0:
-            with torch.no_grad():
-                self._step_z(idx, [z.grad * len(idx) for z in zs[1:]])  # x B: d l_i / d z_i, not of the mean
-        out = {"loss": terms[-1].detach(), "hidden_loss": sum(terms[:-1]).detach()}
+        self._batch = (idx, None)  # (rows of Z, their leaves once compute_grads made them)
+        out = super().train_step(x, y, optimizer)  # zero_grad -> compute_grads -> theta step -> after_step (Z)
         if self._twin is not None:
             out["bp_loss"] = self._twin_step(x, y, optimizer)
         return out
+
+    def compute_grads(self, x, y):
+        idx = self._batch[0]
+        zs = self.inputs(x, idx)
+        terms = self.layer_losses(zs, y)
+        sum(terms).backward()
+        self._batch = (idx, zs)
+        with torch.no_grad():  # the task loss of the prediction (the ordinary chain from x), before the step:
+            task = self.loss_fn(self.model(x), y)  # one more forward, no graph (terms[-1] starts from z_{T-1})
+        return {"loss": task, "output_loss": terms[-1].detach(), "hidden_loss": sum(terms[:-1]).detach()}
+
+    def after_step(self):
+        """Z's step, with the gradient the same backward left on the batch's rows."""
+        (idx, zs), self._batch = self._batch, None
+        if self.z_lr > 0:
+            with torch.no_grad():
+                self._step_z(idx, [z.grad * len(idx) for z in zs[1:]])  # x B: d l_i / d z_i, not of the mean
 
     def _batch_as_data(self, x, y) -> torch.Tensor:
         """train_step without indices (scripts/bench.py times one fixed batch): that batch is the training

@@ -7,9 +7,16 @@ nn.Module protocol (state_dict, .to, .train/.eval). It never asks which rule it 
   matrices) keep the default step and rewire the backward pass at construction (autograd Functions,
   hooks on `model.blocks`).
 - Rules with local losses or extra modules (target propagation, associated learning, synthetic
-  gradients, auxiliary activations) override `train_step` (and `predict` where inference differs)
-  and hold their extra modules as submodules, so `.to(device)`, `state_dict()` and checkpoints
-  cover them.
+  gradients, auxiliary activations) override `compute_grads` (and `predict` where inference
+  differs; `train_step` only to add work around the fixed sequence) and hold their extra modules as
+  submodules, so `.to(device)`, `state_dict()` and checkpoints cover them.
+
+The `loss` contract: `train_step` returns `loss` = the TASK loss, `loss_fn(predict(x), y)`, of the
+rule's own prediction for this batch, in training mode, with the weights before the step (a rule
+that measures it partly after the step sets `loss_straddles_step`; tests/test_contracts.py checks it
+for every registered rule). Local objectives (layer, inverse,
+associated, auxiliary, synthesizer losses) go under keys of their own (`layer_loss`, `local_loss`, `assoc{i}`, `hidden_loss`, ...), so
+`train_loss` and the loop's NaN check mean the same for every rule.
 """
 from __future__ import annotations
 
@@ -30,6 +37,10 @@ class LearningRule(nn.Module):
     # Rules with per-example state (auxiliary activations) set this: the loop then batches with each
     # example's index and calls train_step(x, y, optimizer, idx=idx), idx (B,) int64 rows of the train split.
     wants_indices: bool = False
+    # True: train_step's `loss` is measured partly with the weights the step has just updated (AL: eq. 8
+    # through the step's own top-bridge output and the updated decoders, all a pipelined step can
+    # measure); it equals loss_fn(predict(x), y) exactly when the step leaves the weights unchanged
+    loss_straddles_step: bool = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -82,5 +93,8 @@ class LearningRule(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts reported in the record. 'total' counts every trainable parameter the
-        rule owns; rules with parameters outside the inference path also report 'effective'."""
-        return {"total": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        rule owns; rules with parameters outside the inference path also report 'effective' (by
+        default: those of the model, when the rule owns more, e.g. inverses or error weights)."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        model = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"total": total} if total == model else {"total": total, "effective": model}

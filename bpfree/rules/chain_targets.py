@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.alignment import gradient_angles, layer_names, saved_grads, true_gradients
-from bpfree.models import blocks as model_blocks
+from bpfree.models.surgery import blocks as model_blocks, layer_names
 from bpfree.registry import RULES
-from bpfree.rules.base import LearningRule, UnsupportedModel
+from bpfree.rules.base import UnsupportedModel
 from bpfree.models.encoder import Stage
 from bpfree.rules.feedback import random_like_layer
-from bpfree.rules.target_prop import mlp_layers
+from bpfree.rules.target_prop import LocalLossRule, mlp_layers
 
 
 def _sq(a, b, real, n):
@@ -80,9 +79,10 @@ class _MLPChain:
         return z
 
 
-class ChainRule(LearningRule):
+class ChainRule(LocalLossRule):
     def __init__(self, model, loss_fn, rule: str):
         super().__init__(model, loss_fn)
+        self.shifts: dict[str, float] = {}  # target_shift per stage of the latest local_losses
         if callable(getattr(model, "stages", None)):
             head = list(model_blocks(model).values())[-1]
             self.head, self.pool, self._stages = head, head.pool, model.stages
@@ -111,29 +111,13 @@ class ChainRule(LearningRule):
                 z.append(s.act(pre[-1]))
         return real, st, z, pre, side
 
-    def local_losses(self, x, y):
-        raise NotImplementedError
+    def aligned_weights(self):
+        return {n: m.weight for n, m in layer_names(self.model).items()}
 
-    def compute_grads(self, x, y):
-        total, out, _ = self.local_losses(x, y)
-        total.backward()
-        return out
-
-    @torch.enable_grad()
     def diagnostics(self, x, y) -> dict[str, float]:
-        weights = {n: m.weight for n, m in layer_names(self.model).items()}
-        with saved_grads(self.parameters()):
-            total, _, shifts = self.local_losses(x, y)
-            total.backward()
-            mine = {n: (torch.zeros_like(w) if w.grad is None else w.grad.clone()) for n, w in weights.items()}
-        true = true_gradients(self.loss_fn(self.model(x), y), weights)
-        out = gradient_angles(mine, true)
-        out.update({f"target_shift/{k}": v for k, v in shifts.items()})
+        out = super().diagnostics(x, y)  # its step (local_losses) leaves the targets' shifts in self.shifts
+        out.update({f"target_shift/{k}": v for k, v in self.shifts.items()})
         return out
-
-    def param_counts(self):
-        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"total": total, "effective": sum(p.numel() for p in self.model.parameters())}
 
 
 def _shift(t, z, real, n) -> float:
@@ -171,7 +155,7 @@ class ChainDTP(ChainRule):
             for k in range(K - 1, 0, -1):  # target for z_k through g_k (the difference correction)
                 g = self.inverse(k)
                 t[k] = z[k] + g(t[k + 1]) - g(z[k + 1])
-        shifts = {st[k - 1].name: _shift(t[k], z[k], real, n) for k in range(1, K + 1)}
+        self.shifts = {st[k - 1].name: _shift(t[k], z[k], real, n) for k in range(1, K + 1)}
         total = self.loss_fn(self.head(z[K], real), y)  # the head: task loss on the detached z_K
         layer_loss, inv_loss = 0.0, 0.0
         for k, s in enumerate(st):
@@ -185,7 +169,7 @@ class ChainDTP(ChainRule):
             loss_inv = _sq(g(up), noisy, real, n)
             total, inv_loss = total + loss_inv, inv_loss + loss_inv.detach()
         return total, {"loss": task.detach(), "layer_loss": torch.as_tensor(layer_loss),
-                       "inverse_loss": torch.as_tensor(inv_loss)}, shifts
+                       "inverse_loss": torch.as_tensor(inv_loss)}
 
     @torch.no_grad()
     def reconstruction_error(self, x) -> dict[str, float]:
@@ -237,14 +221,14 @@ class ChainLRA(ChainRule):
             for k in range(K - 1, 0, -1):  # stage k's error weights send err_{k+1} to a_{k-1}
                 E = self.error_weights[self.names[k].replace(".", "_")].double()  # (out_k, in_k)
                 err[k] = z[k].double() - st[k - 1].act(pre[k - 1].double() - self.beta * err[k + 1] @ E)
-        shifts = {st[k - 1].name: _shift(err[k], torch.zeros_like(err[k]), real, n) for k in range(1, K + 1)}
+        self.shifts = {st[k - 1].name: _shift(err[k], torch.zeros_like(err[k]), real, n) for k in range(1, K + 1)}
         task = self.loss_fn(self.head(z[K], real), y)
         total, layer_loss = task, 0.0
         for k, s in enumerate(st):
             e_k = err[k + 1].to(z[k + 1].dtype)
             total = total + _dot(s.act(s.pre(z[k], side[k])), e_k, real, n)
             layer_loss = layer_loss + float(_sq(err[k + 1], 0 * err[k + 1], real, n))
-        return total, {"loss": task.detach(), "layer_loss": torch.as_tensor(layer_loss)}, shifts
+        return total, {"loss": task.detach(), "layer_loss": torch.as_tensor(layer_loss)}
 
     def compute_grads(self, x, y):
         out = super().compute_grads(x, y)

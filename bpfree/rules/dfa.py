@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.models import blocks as model_blocks
+from bpfree.models import surgery
+from bpfree.models.surgery import block_names
 from bpfree.registry import RULES
-from bpfree.rules.feedback import CONV_ARGS, FeedbackRule, _check_conv, conv_grads, linear_param_grads
+from bpfree.rules.feedback import FeedbackLayer, FeedbackRule, conv_grads, linear_param_grads
 
 PLACEMENTS = ("layer", "block")
 
@@ -88,15 +89,13 @@ def direct_signal(hub: _ErrorHub, proj: _Projection, shape: torch.Size, like: to
     return (e2 @ B).view(shape)                             # (N, C) @ (C, numel) -> shape
 
 
-class DFALayer(nn.Module):
+class DFALayer(FeedbackLayer):
+    """A feedback layer (weight/bias, shapes, `exact`, plain forward: FeedbackLayer) whose input
+    receives the direct signal e B instead of B's product with its own output gradient."""
+
     def __init__(self, base: nn.Module, hub: _ErrorHub):
-        super().__init__()
-        self.base_kind = type(base)
-        self.weight, self.bias = base.weight, base.bias
-        if isinstance(base, nn.Conv2d):
-            _check_conv(base)
-            self.spec = {k: getattr(base, k) for k in CONV_ARGS}
-        self.hub, self.is_output, self.exact = hub, False, False
+        super().__init__(base)
+        self.hub, self.is_output = hub, False
         self.direct = True  # False under block placement: plain autograd (the output layer still records e)
         self.proj = _Projection()
 
@@ -112,22 +111,18 @@ class DFALayer(nn.Module):
             self.record(g)
         return direct_signal(self.hub, self.proj, x.shape, g)
 
-    def _plain(self, x):
-        if self.base_kind is nn.Linear:
-            return F.linear(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, **self.spec)
-
-    def forward(self, x):
-        if self.exact:
-            return self._plain(x)
+    def feedback_forward(self, x):
         if not self.direct:
-            y = self._plain(x)
+            y = self.plain(x)
             if self.is_output and y.requires_grad:
                 y.register_hook(lambda g: self.record(g))  # runs before any block output's hook
             return y
-        if self.base_kind is nn.Linear:
-            return _LinearDFA.apply(x, self.weight, self.bias, self)
-        return _ConvDFA.apply(x, self.weight, self.bias, self)
+        if self.is_conv:
+            return _ConvDFA.apply(x, self.weight, self.bias, self)
+        return _LinearDFA.apply(x, self.weight, self.bias, self)
+
+    def describe(self) -> str:
+        return f"direct={self.direct}, output={self.is_output}"
 
 
 class _LinearDFA(torch.autograd.Function):
@@ -182,10 +177,9 @@ class DirectFeedbackAlignment(FeedbackRule):
         if placement == "block":
             for m in self.layers.values():
                 m.direct = False
-            names = list(model_blocks(model))
-            for name in names[:-1]:  # the last block (head) keeps its true gradient
-                self.block_proj[name] = _Projection()
-                model_blocks(model)[name].register_forward_hook(self._block_hook(name))
+            names = block_names(model)[:-1]  # the last block (head) keeps its true gradient
+            self.block_proj = {name: _Projection() for name in names}
+            surgery.output_hooks(model, names, self._block_hook)
 
     def _note_padding(self, model, args):
         self.hub.real = model.padding_mask(args[0])

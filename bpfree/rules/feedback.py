@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.alignment import angle, gradient_angles, layer_names, saved_grads, true_gradients
+from bpfree.alignment import angle, grad_alignment, rule_and_true_grads
+from bpfree.models.surgery import layer_names, swap
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, LossFn, UnsupportedModel
 
@@ -94,16 +95,40 @@ class _ConvFB(torch.autograd.Function):
 
 
 class FeedbackLayer(nn.Module):
-    """Shared by FeedbackLinear and FeedbackConv2d: holds the original weight/bias Parameters (same
-    objects, so optimizers and checkpoints see no change) and the feedback matrix B."""
+    """The bookkeeping every layer a feedback rule swaps in shares (FeedbackLinear, FeedbackConv2d and
+    dfa's DFALayer): the original weight/bias Parameters (same objects, so optimizers and checkpoints
+    see no change), the layer's shape attributes and conv settings, `exact` (ordinary autograd, to
+    measure the true gradient) and the plain forward. Subclasses implement `feedback_forward`, the
+    forward whose backward is the rule's. With `feedback` given, B is kept as a buffer."""
 
-    def _setup(self, base: nn.Module, feedback: torch.Tensor, sign_scale: float | None):
+    def __init__(self, base: nn.Module, feedback: torch.Tensor | None = None, sign_scale: float | None = None):
+        super().__init__()
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            _check_conv(base)
+            for k in ("in_channels", "out_channels", "kernel_size", *CONV_ARGS):
+                setattr(self, k, getattr(base, k))
+            self.spec = {k: getattr(base, k) for k in CONV_ARGS}
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        # a buffer: checkpointed and moved by .to(), never touched by the optimizer (kp and wm change it
-        # in place after each step, usf derives B from W at each forward)
-        self.register_buffer("feedback", feedback.detach().clone())
+        if feedback is not None:
+            # a buffer: checkpointed and moved by .to(), never touched by the optimizer (kp and wm change
+            # it in place after each step, usf derives B from W at each forward)
+            self.register_buffer("feedback", feedback.detach().clone())
         self.sign_scale = sign_scale  # usf: B = sign(W) * sign_scale, refreshed at each forward
         self.exact = False  # True: ordinary autograd (used to measure the true gradient)
+
+    def plain(self, x):  # the original layer's forward: (..., in) -> (..., out) or conv maps
+        if self.is_conv:
+            return F.conv2d(x, self.weight, self.bias, **self.spec)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x):
+        return self.plain(x) if self.exact else self.feedback_forward(x)
+
+    def feedback_forward(self, x):
+        raise NotImplementedError
 
     def current_feedback(self) -> torch.Tensor:
         """The B the next backward uses: usf makes it fresh from the current W (a new tensor, so a
@@ -112,45 +137,30 @@ class FeedbackLayer(nn.Module):
             return torch.sign(self.weight.detach()) * self.sign_scale
         return self.feedback
 
-
-class FeedbackLinear(FeedbackLayer):
-    def __init__(self, base: nn.Linear, feedback: torch.Tensor, sign_scale=None):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self._setup(base, feedback, sign_scale)
-
-    def forward(self, x):  # (..., in) -> (..., out)
-        if self.exact:
-            return F.linear(x, self.weight, self.bias)
-        return _LinearFB.apply(x, self.weight, self.bias, self.current_feedback())
+    def describe(self) -> str:  # the rule's part of the repr
+        return f"sign_B={self.sign_scale is not None}"
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, sign_B={self.sign_scale is not None}"
+        if self.is_conv:
+            return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                    f"stride={self.stride}, padding={self.padding}, {self.describe()}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
+
+
+class FeedbackLinear(FeedbackLayer):
+    def feedback_forward(self, x):  # (..., in) -> (..., out)
+        return _LinearFB.apply(x, self.weight, self.bias, self.current_feedback())
 
 
 class FeedbackConv2d(FeedbackLayer):
-    def __init__(self, base: nn.Conv2d, feedback: torch.Tensor, sign_scale=None):
-        super().__init__()
-        _check_conv(base)
-        for k in ("in_channels", "out_channels", "kernel_size", *CONV_ARGS):
-            setattr(self, k, getattr(base, k))
-        self.spec = {k: getattr(base, k) for k in CONV_ARGS}
-        self._setup(base, feedback, sign_scale)
-
-    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H', W')
-        if self.exact:
-            return F.conv2d(x, self.weight, self.bias, **self.spec)
+    def feedback_forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H', W')
         return _ConvFB.apply(x, self.weight, self.bias, self.current_feedback(), self.spec)
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, sign_B={self.sign_scale is not None}")
 
 
 # ---------------------------------------------------------------- the converter
 def convert(model: nn.Module, make: Callable[[nn.Module], nn.Module], rule: str) -> dict[str, nn.Module]:
-    """Swap every nn.Linear / nn.Conv2d in `model` (at any depth) for `make(layer)`, in place.
-    Returns the new layers by short name (alignment.layer_names), in module order."""
+    """Swap every nn.Linear / nn.Conv2d in `model` (at any depth) for `make(layer)`, in place
+    (surgery.swap). Returns the new layers by short name (surgery.layer_names), in module order."""
     for n, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             raise UnsupportedModel(
@@ -160,19 +170,12 @@ def convert(model: nn.Module, make: Callable[[nn.Module], nn.Module], rule: str)
     names = layer_names(model)
     if not names:
         raise UnsupportedModel(f"{rule} needs nn.Linear or nn.Conv2d layers; {type(model).__name__} has none")
-    targets = {id(m): s for s, m in names.items()}
-    out: dict[str, nn.Module] = {}
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in targets and type(child) in (nn.Linear, nn.Conv2d):
-                new = make(child)
-                setattr(parent, child_name, new)
-                out[targets[id(child)]] = new
-            elif id(child) in targets:
-                raise UnsupportedModel(
-                    f"{rule}: layer {targets[id(child)]} is a {type(child).__name__} (a subclass of "
-                    "Linear/Conv2d whose forward may differ); use plain nn.Linear / nn.Conv2d")
-    return {s: out[s] for s in names}  # module order
+    for s, m in names.items():
+        if type(m) not in (nn.Linear, nn.Conv2d):
+            raise UnsupportedModel(
+                f"{rule}: layer {s} is a {type(m).__name__} (a subclass of "
+                "Linear/Conv2d whose forward may differ); use plain nn.Linear / nn.Conv2d")
+    return swap(model, lambda m: type(m) in (nn.Linear, nn.Conv2d), make)
 
 
 def random_like_layer(weight: torch.Tensor) -> torch.Tensor:
@@ -215,22 +218,6 @@ class FeedbackRule(LearningRule):
         cls = FeedbackLinear if isinstance(base, nn.Linear) else FeedbackConv2d
         return cls(base, self.initial_feedback(base.weight), scale)
 
-    def compute_grads(self, x, y) -> dict[str, torch.Tensor]:
-        """Fill .grad with the rule's update direction (no optimizer step)."""
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return {"loss": loss.detach()}
-
-    def after_step(self) -> None:
-        """Changes to B (or W) outside the optimizer, once per engaged step."""
-
-    def train_step(self, x, y, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        out = self.compute_grads(x, y)
-        optimizer.step()
-        self.after_step()
-        return out
-
     def diagnostics(self, x, y) -> dict[str, float]:
         out = {}
         if self.reports_B:
@@ -239,16 +226,10 @@ class FeedbackRule(LearningRule):
         out.update(self.gradient_angles(x, y))
         return out
 
-    @torch.enable_grad()
     def gradient_angles(self, x, y) -> dict[str, float]:
         """Angle between this rule's weight gradient and backprop's, per layer, on (x, y)."""
         weights = {n: m.weight for n, m in self.layers.items()}
-        with saved_grads(self.parameters()):
-            self.compute_grads(x, y)
-            mine = {n: w.grad.clone() for n, w in weights.items()}
-        with exact_backward(self.layers.values()):
-            true = true_gradients(self.loss_fn(self.model(x), y), weights)
-        return gradient_angles(mine, true)
+        return grad_alignment(*rule_and_true_grads(self, x, y, weights, exact=exact_backward(self.layers.values())))
 
 
 @RULES.register("fa")

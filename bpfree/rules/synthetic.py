@@ -43,10 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.alignment import cosine, norm_ratio, sample_cosine, saved_grads
-from bpfree.models import blocks as model_blocks
+from bpfree.alignment import grad_alignment, saved_grads
+from bpfree.models import surgery
+from bpfree.models.surgery import block_names, blocks as model_blocks
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
+
+
+# the diagnostics' record keys (tables.yaml `diagnostics:` reads sg_cos/, sg_norm_ratio/)
+SG_KEYS = {"sg_cos/": "cos", "sg_cos_sample/": "cos_sample", "sg_norm_ratio/": "norm_ratio"}
 
 
 # ----------------------------------------------------------------------------------------- synthesizers
@@ -186,7 +191,7 @@ class SplitRule(LearningRule):
         if alpha_gs < 0:
             raise ValueError(f"method.alpha_gs={alpha_gs} must be >= 0 (0 keeps the synthesizer at its init)")
         self.alpha_gs, self.target = float(alpha_gs), target
-        names = list(model_blocks(model).keys())
+        names = block_names(model)
         if split is None:  # the model's own (resnet*_vfbn: App. B.1's), else the middle of its blocks
             split = getattr(model, "default_split", None) or names[max(len(names) // 2 - 1, 0)]
         splits = [split] if isinstance(split, str) else list(split)
@@ -222,7 +227,7 @@ class SplitRule(LearningRule):
                                    "size their synthesizers from a probe forward pass")
         was = model.training
         model.eval()
-        z, shapes = SplitRule._entry(model, torch.zeros(2, *model.input_shape)), {}
+        z, shapes = surgery.entry(model, torch.zeros(2, *model.input_shape)), {}
         try:
             for n in names:
                 z = model.blocks[n](z)
@@ -248,19 +253,8 @@ class SplitRule(LearningRule):
         raise NotImplementedError
 
     # -- training
-    @staticmethod
-    def _entry(model, x):
-        """Models whose first block is a Linear (the MLP) flatten the image in forward(), outside blocks."""
-        first = next(iter(model_blocks(model).values()))
-        lead = next((m for m in first.modules() if not isinstance(m, nn.Sequential)), None)
-        return x.flatten(1) if isinstance(lead, nn.Linear) and x.dim() > 2 else x
-
     def _run(self, k: int, z):
-        if k == 0:
-            z = self._entry(self.model, z)
-        for n in self.segments[k]:
-            z = self.model.blocks[n](z)
-        return z
+        return surgery.run_blocks(self.model, self.segments[k], surgery.entry(self.model, z) if k == 0 else z)
 
     def lower_update(self, k: int, h: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> dict:
         """Segment k's update from its synthesizer, and the synthesizer's own update from `target`."""
@@ -278,8 +272,7 @@ class SplitRule(LearningRule):
         h.backward(dh / b)
         return {f"sg_loss/{self.splits[k]}": sg_loss.detach()}
 
-    def train_step(self, x, y, optimizer):
-        optimizer.zero_grad(set_to_none=True)
+    def compute_grads(self, x, y):
         b, top = len(y), len(self.segments) - 1
         ins, outs, z = [], [], x
         for k in range(top + 1):
@@ -297,7 +290,6 @@ class SplitRule(LearningRule):
             if self.target == "bp" and k > 0:  # carry BP's gradient one segment further down
                 (true,) = torch.autograd.grad(outs[k], ins[k], true, retain_graph=True)
             stats |= self.lower_update(k, outs[k], y, target)
-        optimizer.step()
         return stats
 
     # -- depth-parallel stages (bpfree/parallel.py)
@@ -365,7 +357,7 @@ class SplitRule(LearningRule):
     # -- diagnostics
     def _true_deltas(self, x, y):
         """h at every split and the gradient BP gives there (per-sample scale), in eval mode."""
-        hs, z = [], self._entry(self.model, x)
+        hs, z = [], surgery.entry(self.model, x)
         for n in model_blocks(self.model):
             z = self.model.blocks[n](z)
             if n in self.splits:
@@ -374,16 +366,11 @@ class SplitRule(LearningRule):
         return [h.detach() for h in hs], [g * len(y) for g in grads]
 
     def diagnostics(self, x, y):
-        out = {}
         with saved_grads(self.parameters()), torch.enable_grad():
             hs, deltas = self._true_deltas(x, y)
         with torch.no_grad():
-            for s, synth, h, d in zip(self.splits, self.synths, hs, deltas):
-                dh = synth(h, y)
-                out[f"sg_cos/{s}"] = cosine(dh, d)
-                out[f"sg_cos_sample/{s}"] = sample_cosine(dh, d)
-                out[f"sg_norm_ratio/{s}"] = norm_ratio(dh, d)
-        return out
+            mine = {s: synth(h, y) for s, synth, h in zip(self.splits, self.synths, hs)}
+        return grad_alignment(mine, dict(zip(self.splits, deltas)), SG_KEYS)
 
     def param_counts(self):
         count = lambda ps: sum(p.numel() for p in ps if p.requires_grad)  # noqa: E731
@@ -614,13 +601,11 @@ class LocalSupervised(SplitRule):
     def _bottom(self, x):
         return self.synths[0].head(self._run(0, x))
 
-    def train_step(self, x, y, optimizer):
+    def compute_grads(self, x, y):
         if self.predict_from == "top":
-            return super().train_step(x, y, optimizer)
-        optimizer.zero_grad(set_to_none=True)  # the top segment is never used: train only the bottom
-        loss = self.loss_fn(self._bottom(x), y)
+            return super().compute_grads(x, y)
+        loss = self.loss_fn(self._bottom(x), y)  # the top segment is never used: train only the bottom
         loss.backward()
-        optimizer.step()
         return {"loss": loss.detach()}
 
     def predict(self, x):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bpfree.alignment import gradient_angles, saved_grads, true_gradients
+from bpfree.alignment import grad_alignment, rule_and_true_grads
 from bpfree.models.mlp import ACTIVATIONS
 from bpfree.registry import RULES
 from bpfree.rules.base import LearningRule, UnsupportedModel
@@ -53,7 +53,28 @@ def mlp_layers(model: nn.Module, rule: str) -> list[tuple[nn.Linear, nn.Module]]
     return out
 
 
-class LayerwiseRule(LearningRule):
+class LocalLossRule(LearningRule):
+    """A rule whose update is one backward of the sum of its local losses, each reaching only its own
+    parameters (tp, dtp, lra here and in lra.py; their chain versions in chain_targets.py). Diagnostics:
+    the angle between that update and the true gradient for each weight of `aligned_weights()`."""
+
+    def local_losses(self, x, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of every local loss, metrics); `loss` in metrics is the task loss."""
+        raise NotImplementedError
+
+    def aligned_weights(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_grads(self, x, y):
+        total, out = self.local_losses(x, y)
+        total.backward()
+        return out
+
+    def diagnostics(self, x, y) -> dict[str, float]:
+        return grad_alignment(*rule_and_true_grads(self, x, y, self.aligned_weights()))
+
+
+class LayerwiseRule(LocalLossRule):
     """A rule that trains each layer of an MLP from its own local loss (tp, dtp, lra)."""
 
     def __init__(self, model, loss_fn, rule: str):
@@ -70,27 +91,8 @@ class LayerwiseRule(LearningRule):
                 h.append(act(pre[-1]))
         return pre, h
 
-    def local_losses(self, x, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of every local loss, metrics); `loss` in metrics is the task loss."""
-        raise NotImplementedError
-
-    def compute_grads(self, x, y):
-        total, out = self.local_losses(x, y)
-        total.backward()
-        return out
-
-    @torch.enable_grad()
-    def diagnostics(self, x, y) -> dict[str, float]:
-        weights = {n: lin.weight for n, (lin, _) in zip(self.names, self.pairs)}
-        with saved_grads(self.parameters()):
-            self.compute_grads(x, y)
-            mine = {n: w.grad.clone() for n, w in weights.items()}
-        true = true_gradients(self.loss_fn(self.model(x), y), weights)
-        return gradient_angles(mine, true)
-
-    def param_counts(self):
-        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"total": total, "effective": sum(p.numel() for p in self.model.parameters())}
+    def aligned_weights(self):
+        return {n: lin.weight for n, (lin, _) in zip(self.names, self.pairs)}
 
 
 def _sq(a, b):  # 0.5 ||a - b||², summed over units, mean over the batch

@@ -1,22 +1,20 @@
-"""associated-learning Table 7 and Figures 5-6: what the hidden layers of BP and AL networks encode.
+"""associated-learning Table 7 and Figures 5-6: the data of what the hidden layers of BP and AL networks
+encode. This file only produces data; `make tables` draws it (experiments/associated-learning/tables.yaml,
+table7 `figures:`, kind `scatter` in bpfree/plots.py), so drawing never trains or touches a checkpoint.
 
-Two steps, so that `make tables` never trains or touches a checkpoint:
+`python experiments/associated-learning/figures.py results/records/associated-learning/table3/<run>.json ...`
+(after the runs, while their checkpoints exist): rebuild each run's rule from its record, load
+checkpoint_dir/last.pt, pass the first 1000 test images through the inference path (eq. 8 for AL, the
+network for BP) with forward hooks on the model's blocks, and
+- embed the raw input and three hidden layers in 2-D with t-SNE -> a small .npz under
+  results/figures_data/associated-learning/ (float16, about 20 kB: y (N,), layers, emb_<layer> (N, 2));
+- measure the inter-class distance (mean distance between class centroids), the intra-class distance
+  (mean over classes of the mean pairwise distance inside the class) and their ratio on the last
+  hidden layer (the input of the output layer, the "metafeatures" of §5.4) -> a derived record under
+  results/records/associated-learning/table7/ (row = method, column = model; `derived_from` names the
+  training record, `features` the .npz).
 
-1. `python experiments/associated-learning/figures.py results/records/associated-learning/table3/<run>.json ...` (after the
-   runs, while their checkpoints exist): rebuild each run's rule from its record, load
-   checkpoint_dir/last.pt, pass the first 1000 test images through the inference path (eq. 8 for AL,
-   the network for BP) with forward hooks on the model's blocks, and
-   - embed the raw input and three hidden layers in 2-D with t-SNE -> a small .npz under
-     results/figures_data/associated-learning/ (float16, about 20 kB);
-   - measure the inter-class distance (mean distance between class centroids), the intra-class distance
-     (mean over classes of the mean pairwise distance inside the class) and their ratio on the last
-     hidden layer (the input of the output layer, the "metafeatures" of §5.4) -> a derived record under
-     results/records/associated-learning/table7/ (row = method, column = model; `derived_from` names
-     the training record).
-2. `render(records, out_dir)` (called by `make tables`): BP row above AL row, raw input then the three
-   layers, one PNG per (model, dataset) pair: al_fig5_mlp_<dataset>.png, al_fig6_cnn_<dataset>.png.
-
-Layers shown follow §5.4: MLP 2nd and 4th hidden layers and the output; vanilla CNN 4th, 8th and 12th
+Layers embedded follow §5.4: MLP 2nd and 4th hidden layers and the output; vanilla CNN 4th, 8th and 12th
 hidden layers. In AL these blocks lie on the eq. 8 path (f_i, the top bridge, the decoders).
 """
 from __future__ import annotations
@@ -34,9 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 N_POINTS = 1000
 FIG_LAYERS = {"mlp": ["l2", "l4", "l6"], "cnn": ["c4", "c8", "f4"]}     # §5.4
-FIG_NAMES = {"mlp": "al_fig5", "cnn": "al_fig6"}
-TITLES = {"raw": "raw input", "l2": "2nd hidden (l2)", "l4": "4th hidden (l4)", "l6": "output (l6)",
-          "c4": "4th hidden (c4)", "c8": "8th hidden (c8)", "f4": "12th hidden (f4)"}
 DATA_DIR = Path("results/figures_data/associated-learning")
 
 
@@ -123,55 +118,9 @@ def extract(record_path: str | Path, records_dir: str | Path = "results/records"
     return write_record(derived, rec_path(records_dir, rec["paper"], "table7", rec["name"]))
 
 
-def render(records: list[dict], out_dir: str | Path) -> list[Path]:
-    """t-SNE panels (Figures 5-6) for every (model, dataset) with BP and/or AL feature files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in records:
-        if r.get("paper") == "associated-learning" and r.get("table") == "table7" and r.get("features"):
-            if Path(r["features"]).exists():
-                groups.setdefault((r["model"], r["dataset"]), {})[r["method"]] = r
-    written = []
-    for (model, dataset), by_method in sorted(groups.items()):
-        methods = [m for m in ("bp", "al") if m in by_method]
-        loaded = {m: np.load(by_method[m]["features"]) for m in methods}
-        layers = list(loaded[methods[0]]["layers"])
-        fig, axes = plt.subplots(len(methods), len(layers), figsize=(3 * len(layers), 3 * len(methods)),
-                                 squeeze=False)
-        for row, m in enumerate(methods):
-            d = loaded[m]
-            for col, layer in enumerate(layers):
-                ax = axes[row][col]
-                e = d[f"emb_{layer}"].astype(np.float32)
-                ax.scatter(e[:, 0], e[:, 1], c=d["y"], cmap="tab10", s=3, linewidths=0)
-                ax.set_xticks([]), ax.set_yticks([])
-                ax.set_title(f"{m.upper()}: {TITLES.get(layer, layer)}", fontsize=9)
-        scale = by_method[methods[0]].get("scale", "?")
-        fig.suptitle(f"t-SNE, {model} on {dataset} ({N_POINTS} test images, scale={scale}); "
-                     "associated-learning Fig. " + ("5" if model == "mlp" else "6"), fontsize=9)
-        fig.tight_layout()
-        out = Path(out_dir) / f"{FIG_NAMES.get(model, 'al_fig')}_{model}_{dataset}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=90)
-        plt.close(fig)
-        written.append(out)
-    return written
-
-
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python experiments/associated-learning/figures.py RECORD.json [...]   (extract, after training)\n"
-                         "       python experiments/associated-learning/figures.py --render [RECORDS_DIR [OUT_DIR]]  (make tables)")
-    if sys.argv[1] == "--render":
-        from bpfree.records import read_records
-
-        rdir = sys.argv[2] if len(sys.argv) > 2 else "results/records"
-        for p in render(read_records(rdir), sys.argv[3] if len(sys.argv) > 3 else "results/figures"):
-            print(p)
-    else:
-        for p in sys.argv[1:]:
-            print(f"wrote {extract(p)}")
+        raise SystemExit("usage: python experiments/associated-learning/figures.py RECORD.json [...]   (after training; "
+                         "`make tables` then draws Figures 5-6 from the table7 records)")
+    for p in sys.argv[1:]:
+        print(f"wrote {extract(p)}")
