@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bpfree.build import build  # noqa: E402
 from bpfree.data import batches, load_dataset  # noqa: E402
-from bpfree.rules.synthetic import SplitRule  # noqa: E402
+from bpfree.models import surgery  # noqa: E402
 from scripts.bench import compose  # noqa: E402
 
 # case -> (the rule's overrides, batch size); the model is the rule's own (AL's §5.2 MNIST MLP and CNN;
@@ -143,7 +143,7 @@ def _pipeline_worker(rank, port, overrides, batch_size, steps, microbatches, out
             self.blocks = torch.nn.ModuleList(model.blocks[n] for n in mine)
 
         def forward(self, z):
-            z = SplitRule._entry(model, z) if rank == 0 else z  # the MLP flattens outside its blocks
+            z = surgery.entry(model, z) if rank == 0 else z  # the MLP flattens outside its blocks
             for blk in self.blocks:
                 z = blk(z)
             return z
@@ -153,7 +153,7 @@ def _pipeline_worker(rank, port, overrides, batch_size, steps, microbatches, out
     mb_x = data.train.x[: batch_size // microbatches]
     with torch.no_grad():
         full = model.blocks
-        z = SplitRule._entry(model, mb_x)
+        z = surgery.entry(model, mb_x)
         for n in names[:cut]:
             z = full[n](z)
         mid = z
