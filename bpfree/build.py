@@ -91,6 +91,6 @@ def build(c: dict, data: Splits | None = None) -> Built:
             raise CannotStage("trainer.parallel does not support optim.scheduler yet; use a constant lr")
         n = min(tr["batch_size"], len(data.train))
         sample = (data.train.x[:n].to(device), data.train.y[:n].to(device))
-        engine = build_engine(rule, optimizer, tr["parallel"], tr["stages"], sample)
+        engine = build_engine(rule, optimizer, tr["parallel"], tr["stages"], sample, tr["staleness"])
         optimizer = engine.optimizers  # the loop zeroes, checkpoints and resumes the stages' optimizers
     return Built(data, task, rule, optimizer, scheduler, interval, augment, device, engine)

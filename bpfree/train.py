@@ -160,11 +160,12 @@ def fit(
         if max_steps_per_epoch:
             total = min(total, max_steps_per_epoch)
         bar = tqdm(it, total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        steps = bar
         if engine is not None:
             # the whole epoch runs through the stages first (a pipeline has no per-step join); its steps'
             # scalars then pass through the same accounting and NaN checks
-            bar = _staged_epoch(engine, bar, max_steps_per_epoch)
-        for step, (x, y, *idx) in enumerate(bar):  # idx: each example's row, for rules that want it
+            steps = _staged_epoch(engine, bar, max_steps_per_epoch)
+        for step, (x, y, *idx) in enumerate(steps):  # idx: each example's row, for rules that want it
             if max_steps_per_epoch and step >= max_steps_per_epoch:
                 break
             out = y if engine is not None else (  # staged: (n, scalars)

@@ -35,6 +35,10 @@ one vector), `sg_cos_sample/<split>` (mean per-sample cosine), `sg_norm_ratio/<s
 """
 from __future__ import annotations
 
+import time
+from collections import deque
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -288,6 +292,65 @@ class SplitRule(LearningRule):
             stats |= self.lower_update(k, outs[k], y, target)
         return stats
 
+    # -- depth-parallel stages (bpfree/parallel.py)
+    def segment_step_times(self, x, y, repeats: int = 3) -> list[float]:
+        """Seconds of one update of each segment (forward, its synthesizer, backward) on (x, y), the
+        fastest of `repeats`: the costs stage_defs balances. Leaves gradients filled (the caller zeroes)."""
+        top, times = len(self.segments) - 1, [float("inf")] * len(self.segments)
+        for _ in range(repeats):
+            z = x
+            for j in range(top + 1):
+                t0 = time.perf_counter()
+                z_in = z.detach().requires_grad_(j > 0)
+                out = self._run(j, z_in)
+                if j == top:
+                    self.loss_fn(out, y).backward()
+                else:
+                    dh = self.synths[j](out.detach(), y)
+                    if dh.requires_grad:
+                        dh.pow(2).mean().backward()
+                    out.backward(dh.detach())
+                times[j] = min(times[j], time.perf_counter() - t0)
+                z = out
+        return times
+
+    def stage_defs(self, k: int, sample: tuple | None = None, concurrent: bool = False,
+                   groups: list[list[int]] | None = None) -> list:
+        """k stages of consecutive segments (the parts; cuts only at splits), balanced by each segment's
+        measured update time on `sample` = (x, y) (parameter counts without one); `groups` (0-based segment
+        indices per stage) skips balancing. A stage holds its segments and the synthesizers (local heads)
+        of the splits at their outputs: stage 1 = the bottom segments and the synthesizer at the cut.
+        Messages (h, None, y) go up; for the synthetic-gradient rules the true gradient at the cut (per-sample
+        scale, the synthesizer's target) comes back down (_SplitStage). `concurrent` changes nothing: every
+        stage reads only its own parameters."""
+        from bpfree.parallel import StageDef, balance
+
+        if groups is None:
+            if sample is not None:
+                costs = self.segment_step_times(*sample)
+                self.zero_grad(set_to_none=True)
+            else:
+                costs = [float(sum(p.numel() for p in self._stage_params([j]))) for j in range(len(self.segments))]
+            groups = balance(costs, k)
+        stages = []
+        for g in groups:
+            st = _SplitStage(self, g)
+            top = g[-1] == len(self.segments) - 1
+            receives = not top and self.sends_targets
+            sends = g[0] > 0 and self.sends_targets
+            label = "+".join("/".join(self.segments[j]) for j in g)
+            st.stage = StageDef(self._stage_params(g), st.forward_backward, f"segments {label}", None, list(g),
+                                st.send_back if sends else None, st.receive_back if receives else None)
+            stages.append(st.stage)
+        return stages
+
+    sends_targets = True  # the synthesizers learn from the true gradient the stage above sends back
+
+    def _stage_params(self, g: list[int]) -> list[nn.Parameter]:
+        """Segments g's parameters and those of the synthesizers at their output splits."""
+        out = [p for j in g for n in self.segments[j] for p in self.model.blocks[n].parameters()]
+        return out + [p for j in g if j < len(self.splits) for p in self.synths[j].parameters()]
+
     def predict(self, x):
         return self.model(x)
 
@@ -313,6 +376,156 @@ class SplitRule(LearningRule):
         count = lambda ps: sum(p.numel() for p in ps if p.requires_grad)  # noqa: E731
         return {"total": count(self.parameters()), "effective": count(self.model.parameters()),
                 "synthesizers": count(self.synths.parameters())}
+
+
+@contextmanager
+def _stats_frozen(modules):
+    """BatchNorm layers in `modules` leave their running statistics alone: a forward pass recomputed on a
+    batch they have already counted once (a late target's update)."""
+    bns = [m for mod in modules for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, n) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(n)
+
+
+class _SplitStage:
+    """Segments `g` (0-based, consecutive) of a SplitRule as one pipeline stage (bpfree/parallel.py).
+
+    forward_backward runs them on the detached input (x, or the h the stage below sent), as train_step
+    does: the top stage learns from the task loss and its inner splits exactly as train_step; a lower
+    stage updates its segments from the synthesizers' delta_hat at once (nothing waits for the stage above)
+    and keeps the batch until the true gradient at its output cut comes back (receive_back): then the
+    synthesizer there learns from it, and with target: bp the gradient is carried down to the stage's inner
+    splits. A message that comes at staleness 0 finds the stage's parameters unchanged and reuses the
+    batch's graphs (what train_step computes, bit for bit); one that comes d >= 1 steps late finds them
+    moved, and delta_hat and the carry are recomputed with the current ones at the stored h (BatchNorm
+    statistics untouched: that batch was counted once already). The top stage (and, for target: bootstrap,
+    every stage above the first) sends down the gradient at its input, per-sample scale (send_back)."""
+
+    def __init__(self, rule: SplitRule, g: list[int]):
+        self.rule, self.g, self.top = rule, g, len(rule.segments) - 1
+        self.pending: deque = deque()  # batches in flight: (ins, outs, y, {segment: delta_hat or None})
+        self.back: torch.Tensor | None = None  # this batch's message down
+        self.stage = None  # its StageDef: the engine writes stage.staleness before the first batch
+
+    def forward_backward(self, inputs):
+        z, _, y = inputs
+        ins, outs = [], []
+        for j in self.g:
+            if j > 0:  # each segment starts from a detached copy, as in train_step
+                z = z.detach().requires_grad_(True)
+            ins.append(z)
+            z = self.rule._run(j, z)
+            outs.append(z)
+        if self.g[-1] == self.top:
+            return (), self._top(ins, outs, y)
+        return (outs[-1].detach(), None, y), self._lower(ins, outs, y)
+
+    def _top(self, ins, outs, y) -> dict:
+        r, n = self.rule, len(y)
+        loss = r.loss_fn(outs[-1], y)
+        loss.backward()
+        stats = {"loss": loss.detach()}
+        true = ins[-1].grad * n if ins[-1].requires_grad else None
+        for pos in range(len(self.g) - 2, -1, -1):  # the inner splits, top down: train_step's loop
+            j = self.g[pos]
+            target = true if r.target == "bp" else ins[pos + 1].grad * n
+            if r.target == "bp" and j > 0:
+                (true,) = torch.autograd.grad(outs[pos], ins[pos], true, retain_graph=True)
+            stats |= r.lower_update(j, outs[pos], y, target)
+        if self.g[0] > 0 and r.sends_targets:
+            self.back = true if r.target == "bp" else ins[0].grad * n
+        return stats
+
+    def _lower(self, ins, outs, y) -> dict:
+        r, n, d = self.rule, len(y), self.stage.staleness
+        if not r.sends_targets:  # local_supervised: every split's own head loss, at once
+            stats = {}
+            for pos in reversed(range(len(self.g))):
+                stats |= r.lower_update(self.g[pos], outs[pos], y, None)
+            return stats
+        carry = r.target == "bp"
+        if carry and self.g[0] > 0 and d > 0:
+            from bpfree.parallel import CannotStage
+
+            raise CannotStage(f"{type(r).__name__} with method.target=bp: a middle stage (segments {self.g}) "
+                              f"sends down the true gradient carried from the message above, which comes "
+                              f"{d} step(s) late, so the delays would add up; use method.target=bootstrap, "
+                              "trainer.stages=2, or trainer.staleness=0")
+        keep = d == 0 and r.alpha_gs > 0  # delta_hat's graph serves a target that comes before any step
+        stats, dhs = {f"sg_staleness_steps/{r.splits[self.g[-1]]}": float(d)}, {}
+        for pos in reversed(range(len(self.g))):
+            j = self.g[pos]
+            if pos < len(self.g) - 1 and not carry:  # an inner split, bootstrap: its target is here
+                stats |= r.lower_update(j, outs[pos], y, ins[pos + 1].grad * n)
+                continue
+            with torch.set_grad_enabled(keep):
+                dh = r.synths[j](outs[pos].detach(), y)
+            dhs[j] = dh if keep or r.alpha_gs == 0 else None
+            # the carry (bp) later runs back through this segment: keep its graph when it may reuse it
+            outs[pos].backward(dh.detach() / n, retain_graph=keep and carry and (pos > 0 or self.g[0] > 0))
+        if self.g[0] > 0 and not carry:
+            self.back = ins[0].grad * n
+        if not keep:  # a late target meets moved parameters: keep the values only
+            ins = [z.detach() for z in ins]
+            outs = [h.detach() for h in outs]
+        self.pending.append((ins, outs, y, dhs))
+        return stats
+
+    def receive_back(self, message, age: int) -> dict:
+        r = self.rule
+        (true,) = message
+        ins, outs, y, dhs = self.pending.popleft()
+        stats = {}
+        for pos in reversed(range(len(self.g))):
+            j = self.g[pos]
+            if j not in dhs:  # bootstrap's inner splits learnt in forward_backward
+                continue
+            stats |= self._learn(j, outs[pos], y, dhs[j], true, age)
+            if r.target == "bp" and (pos > 0 or self.g[0] > 0):
+                true = self._carry(j, ins[pos], outs[pos], true, age)
+        if self.g[0] > 0 and r.target == "bp":
+            self.back = true
+        return stats
+
+    def _learn(self, j, h, y, dh, target, age) -> dict:
+        """Synthesizer j's update from `target` (lower_update's second half)."""
+        r = self.rule
+        synth = r.synths[j]
+        if r.alpha_gs > 0:
+            if age > 0 or dh is None or not dh.requires_grad:
+                with _stats_frozen([synth]):
+                    dh = synth(h.detach(), y)
+            sg_loss = (dh - target.detach()).pow(2).mean()
+            if sg_loss.requires_grad:
+                (r.alpha_gs * sg_loss).backward()
+        else:  # alpha_gs = 0: the synthesizer stays at its initialisation; its error is still reported
+            sg_loss = (dh - target).pow(2).mean()
+        return {f"sg_loss/{r.splits[j]}": sg_loss.detach()}
+
+    def _carry(self, j, z_in, out, true, age) -> torch.Tensor:
+        """BP's gradient at segment j's input from `true` at its output (train_step's carry)."""
+        if age == 0:
+            (g,) = torch.autograd.grad(out, z_in, true)
+            return g
+        blocks = [self.rule.model.blocks[n] for n in self.rule.segments[j]]
+        with torch.enable_grad(), _stats_frozen(blocks):
+            z = z_in.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.rule._run(j, z), z, true)
+        return g
+
+    def send_back(self) -> tuple:
+        back, self.back = self.back, None
+        if back is None:
+            raise RuntimeError(f"stage with segments {self.g} has no backward message for this batch")
+        return (back.detach(),)
 
 
 @RULES.register("sg_linear")
@@ -369,6 +582,16 @@ class LocalSupervised(SplitRule):
 
     def make_synthesizer(self, kind, c, num_classes):
         return LocalHead(kind, c, num_classes, loss_fn=self.loss_fn)
+
+    sends_targets = False  # the heads learn from the labels at the split: stages exchange forward messages only
+
+    def stage_defs(self, k, sample=None, concurrent=False, groups=None):
+        if self.predict_from == "split":
+            from bpfree.parallel import CannotStage
+
+            raise CannotStage("local_supervised with predict_from=split (bottom_half_bp) trains one segment: "
+                              "nothing to stage; use trainer.parallel=null or predict_from=top")
+        return super().stage_defs(k, sample, concurrent, groups)
 
     def lower_update(self, k, h, y, target):
         local = self.loss_fn(self.synths[k].head(h), y)  # h keeps its graph: lower segment + head by BP
