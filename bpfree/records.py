@@ -137,9 +137,16 @@ def _excluded(key: str) -> bool:
     return any(key == r or key.startswith(r + ".") for r in RESUMABLE) or key == "hydra" or key.startswith("hydra.")
 
 
+# Settings added to the suite after checkpoints were written, with the value every run had before they
+# existed (the behaviour they name, not a second copy of the YAML's default): at that value they are left
+# out of the fingerprint, so a run started before they were added still resumes.
+ADDED_LATER = {"trainer.staleness": None, "trainer.dist_backend": "auto"}
+
+
 def config_fingerprint(c: dict) -> str:
     """Hash of the resolved config minus the RESUMABLE keys: a checkpoint resumes only into its own config."""
-    kept = {k: v for k, v in _flat(c).items() if not _excluded(k)}
+    kept = {k: v for k, v in _flat(c).items()
+            if not _excluded(k) and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -356,3 +356,18 @@ def test_scale_is_a_group_and_an_experiment_carries_its_budget_per_scale(compose
         compose_run(["scale=gpu"])
     with pytest.raises(ValueError, match="scale='cpu'.*paper only"):
         run(compose_run(["experiment=bpf_rules_source_fa", "scale=cpu", "~scales.cpu"]))
+
+
+def test_a_setting_added_later_at_its_old_behaviour_keeps_checkpoints_resumable(compose_run):
+    """trainer.staleness / trainer.dist_backend arrived after runs had checkpoints: a config without them
+    fingerprints like one with them at the behaviour runs had before (so those runs resume), and any other
+    value is a different configuration."""
+    from omegaconf import OmegaConf
+
+    from bpfree.records import config_fingerprint
+
+    c = OmegaConf.to_container(compose_run(["experiment=al_table2_cpu"]), resolve=True)
+    before = {**c, "trainer": {k: v for k, v in c["trainer"].items() if k not in ("staleness", "dist_backend")}}
+    assert config_fingerprint(before) == config_fingerprint(c)
+    assert config_fingerprint({**c, "trainer": {**c["trainer"], "staleness": 1}}) != config_fingerprint(c)
+    assert config_fingerprint({**c, "trainer": {**c["trainer"], "dist_backend": "gloo"}}) != config_fingerprint(c)
