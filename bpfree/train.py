@@ -179,18 +179,24 @@ def fit(
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
             if (step + 1) % check_every == 0:
-                loss_now = float(out["loss"])
-                if not math.isfinite(loss_now):
-                    bad = f"loss became {loss_now} at epoch {epoch + 1}, step {step + 1}"
+                # the task `loss`, and any objective a rule reports beside it (`local_loss`, `hidden_loss`, ...;
+                # a pipelined AL stage has no task loss mid-step)
+                losses = {k: float(v) for k, v in out.items() if k == "loss" or k.endswith("_loss")}
+                nonfinite = [k for k, v in losses.items() if not math.isfinite(v)]
+                if nonfinite:
+                    bad = f"{nonfinite[0]} became {losses[nonfinite[0]]} at epoch {epoch + 1}, step {step + 1}"
                     break
-                bar.set_postfix(loss=f"{loss_now:.4f}")
+                if "loss" in losses:
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
         means = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
-        if bad is None and not math.isfinite(means.get("train_loss", 0.0)):
-            bad = f"mean training loss of epoch {epoch + 1} is {means['train_loss']}"
+        mean_losses = {k: v for k, v in means.items() if k == "train_loss" or k.endswith("_loss")}
+        nonfinite = [k for k, v in mean_losses.items() if not math.isfinite(v)]
+        if bad is None and nonfinite:
+            bad = f"mean {nonfinite[0]} of epoch {epoch + 1} is {mean_losses[nonfinite[0]]}"
         if bad is not None:
             msg = (f"diverged: {bad}. Lower optim.lr, or check the inputs; "
                    "the epochs before it are kept in the record")

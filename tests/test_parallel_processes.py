@@ -29,10 +29,10 @@ def _run(compose_run, tmp_path, name, extra):
     return rec, torch.load(tmp_path / name / "last.pt", weights_only=False)["rule"]
 
 
-def _curve(rec, drop=("train_acc", "train_loss")):
+def _curve(rec, drop=("train_acc", "train_loss", "train_local_loss")):
     # eq. 8 decodes through every component, and a stage process holds only its own up to date: like the
-    # threads backend, the processes backend leaves out AL's training-batch accuracy, and its `loss` is the
-    # sum of the local objectives, not eq. 8's task loss (al's stage_defs, concurrent)
+    # threads backend, the processes backend leaves out AL's training-batch accuracy and task loss, and
+    # reports `local_loss`, the sum of the local objectives, instead (al's stage_defs, concurrent)
     return [{k: v for k, v in e.items() if "seconds" not in k and k not in drop} for e in rec["metrics"]["per_epoch"]]
 
 

@@ -32,7 +32,8 @@ A training step reports `loss` = that task loss of eq. 8 on the batch (the Learn
 computed as `acc` is, from the step's own top-bridge output through the just-updated decoders:
 `loss_straddles_step`), and the local objectives it minimises under their own keys `assoc{i}`,
 `ae{i}`. Pipelined over threads (stage_defs(concurrent=True)) eq. 8 is not defined mid-step: there
-`loss` is the sum of the local objectives and `acc` is not reported.
+neither `loss` nor `acc` is reported (a key means one thing in every record); `local_loss`, the sum of
+the local objectives, is, and the loop's divergence check reads it.
 """
 from __future__ import annotations
 
@@ -300,8 +301,8 @@ class AssociatedLearning(LearningRule):
                     total = total + assoc + ae + self.l2_penalty(i)
                     out[f"assoc{i}"], out[f"ae{i}"] = assoc.detach(), ae.detach()
                 total.backward()
-                if concurrent:  # eq. 8's task loss needs every stage's decoder at once: the stages' shares
-                    out["loss"] = total.detach()  # of the local objectives (summed by the engine) stand in
+                if concurrent:  # eq. 8's task loss needs every stage's decoder at once, so no `loss` here
+                    out["local_loss"] = total.detach()  # this stage's share (the engine sums the stages')
                 last["s_bridged"], last["y"] = s_bridged.detach(), y
                 return (s.detach(), t.detach(), y), out
 
