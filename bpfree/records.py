@@ -90,21 +90,27 @@ def summarize(per_epoch: list[dict], directions: dict[str, str]) -> dict:
     return {"final": final, "best": best, "per_epoch": per_epoch}
 
 
-def environment(device: torch.device) -> dict:
-    def git(*args) -> str | None:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
+def _git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
+
+# The code a run executes is the code this process imported, so the commit is read once, at import (a
+# record written hours later, after the checkout moved on, must still name the commit that ran).
+_CODE = {"git_commit": _git("rev-parse", "HEAD"),
+         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def environment(device: torch.device) -> dict:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "num_threads": torch.get_num_threads(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        **_CODE,
     }
 
 

@@ -371,3 +371,28 @@ def test_a_setting_added_later_at_its_old_behaviour_keeps_checkpoints_resumable(
     assert config_fingerprint(before) == config_fingerprint(c)
     assert config_fingerprint({**c, "trainer": {**c["trainer"], "staleness": 1}}) != config_fingerprint(c)
     assert config_fingerprint({**c, "trainer": {**c["trainer"], "dist_backend": "gloo"}}) != config_fingerprint(c)
+
+
+def test_a_record_names_the_commit_its_process_started_from(tmp_path):
+    """The commit is read when the code is imported: a checkout that moves on while a run trains (a merge
+    mid-run) does not relabel the record with code that did not run."""
+    import subprocess as sp
+
+    repo = tmp_path / "repo"
+    sp.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "bpfree").mkdir()
+    (repo / "bpfree" / "records.py").write_text((ROOT / "bpfree" / "records.py").read_text())
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    sp.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    sp.run(["git", "-C", str(repo), "commit", "-qm", "a"], check=True, env=env)
+    first = sp.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    code = ("import importlib.util, subprocess, sys, torch\n"
+            f"spec = importlib.util.spec_from_file_location('r', {str(repo / 'bpfree' / 'records.py')!r})\n"
+            "r = importlib.util.module_from_spec(spec); sys.modules['r'] = r; spec.loader.exec_module(r)\n"
+            f"subprocess.run(['git', '-C', {str(repo)!r}, 'commit', '-q', '--allow-empty', '-m', 'b'], check=True)\n"
+            "print(r.environment(torch.device('cpu'))['git_commit'])\n")
+    out = sp.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    now = sp.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert now != first and out.stdout.strip() == first
