@@ -221,14 +221,17 @@ def _records_for(paper: str, table: str, spec: dict, by_table: dict) -> tuple[li
 
     A table may read another table's runs: `records_table` (associated-learning Table 5 = the runs of
     Table 6), and `borrow` cells whose config is the same run (abstracted-gradients Table 4's n = 6 column
-    = Table 2's runs): `borrow: [{table: table2, columns: {multi30k: n6}}]` relabels those columns.
+    = Table 2's runs): `borrow: [{table: table2, columns: {multi30k: n6}}]` relabels those columns; an
+    optional `rows: [...]` borrows only those rows (a one-row table borrowing a three-row table's runs).
     """
     source = spec.get("records_table", table)
     recs, sources = list(by_table.get((paper, source), [])), [source]
     for b in spec.get("borrow", []):
         sources.append(b["table"])
+        rows = b.get("rows")
         recs += [{**r, "column": b["columns"][r["column"]]}
-                 for r in by_table.get((paper, b["table"]), []) if r["column"] in b["columns"]]
+                 for r in by_table.get((paper, b["table"]), [])
+                 if r["column"] in b["columns"] and (rows is None or r["row"] in rows)]
     return recs, sources
 
 

@@ -135,6 +135,21 @@ def test_borrowed_cells_relabel_another_tables_runs(tmp_path):
     assert "| bp | multi30k | test_acc | cpu | 0.3000 | 1 |" in t2  # the lender's own table is unchanged
 
 
+def test_a_borrow_may_take_only_some_rows(tmp_path):
+    # abstracted-gradients table2_budget: the 4-epoch bp cell is Table 2's bp runs, not its other rows
+    recs = tmp_path / "records"
+    write_record(_rec(0, 0.30, column="multi30k") | {"table": "t2"}, recs / "p" / "t2" / "a.json")
+    write_record(_rec(0, 0.25, row="fa", column="multi30k") | {"table": "t2"}, recs / "p" / "t2" / "fa.json")
+    ref = _write_tables(tmp_path, {"p": {
+        "t2": {"metrics": ["test_acc"], "select": "best", "rows": ["bp", "fa"], "columns": ["multi30k"]},
+        "tb": {"metrics": ["test_acc"], "select": "best", "rows": ["bp"], "columns": ["e4", "e12"],
+               "borrow": [{"table": "t2", "columns": {"multi30k": "e4"}, "rows": ["bp"]}]}}})
+    out = _render(recs, ref, tmp_path / "out", plots=False)
+    tb = next(p for p in out if p.name == "p__tb.md").read_text()
+    assert "| bp | e4 | test_acc | cpu | 0.3000 | 1 |" in tb
+    assert "| fa |" not in tb and "0.2500" not in tb
+
+
 def test_cells_left_out_on_purpose_say_why(layout, tmp_path):
     recs, ref = layout
     specs = tmp_path / "specs" / "p" / "tables.yaml"
