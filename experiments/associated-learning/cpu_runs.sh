@@ -20,7 +20,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1
 EPOCHS_CNN_MNIST=${EPOCHS_CNN_MNIST:-1} EPOCHS_CNN=${EPOCHS_CNN:-3}
-EPOCHS_RESNET=${EPOCHS_RESNET:-1} EPOCHS_LAYERS=${EPOCHS_LAYERS:-10}
+EPOCHS_RESNET=${EPOCHS_RESNET:-1} EPOCHS_LAYERS=${EPOCHS_LAYERS:-10} SEEDS_LAYERS=${SEEDS_LAYERS:-0 1 2}
 # records_dir: these are CPU-budget overrides of the paper-scale experiments, so run.py would file them
 # as ad hoc (runs/); they are the committed cells, so ask for results/records explicitly
 CPU=(scale=cpu trainer.progress=false trainer.num_threads=1 trainer.resume=true optim.lr=1e-3 records_dir=results/records)
@@ -33,9 +33,11 @@ steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20 t3
 for s in ${steps[@]}; do case $s in
   t2mlp) nice -n 10 "$PY" run.py -m experiment=al_table2_cpu trainer.resume=true ;;
   t3mlp) nice -n 10 "$PY" run.py -m experiment=al_table3_cpu trainer.resume=true ;;
-  t56)   run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" trainer.epochs=$EPOCHS_LAYERS
-         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" trainer.epochs=$EPOCHS_LAYERS
-         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" trainer.epochs=$EPOCHS_LAYERS ;;
+  t56)   for seed in $SEEDS_LAYERS; do
+         run experiment=al_table56 column=1 "model.hidden=[256,1280,256]" trainer.epochs=$EPOCHS_LAYERS seed=$seed
+         run experiment=al_table56 column=2 "model.hidden=[256,256,1280,256,256]" trainer.epochs=$EPOCHS_LAYERS seed=$seed
+         run experiment=al_table56 column=3 "model.hidden=[256,256,256,1280,256,256,256]" trainer.epochs=$EPOCHS_LAYERS seed=$seed
+         done ;;
   t2cnn) pair al_table2 cnn trainer.epochs=$EPOCHS_CNN_MNIST ;;
   t3cnn) pair al_table3 cnn dataset=cifar10_jpeg trainer.epochs=$EPOCHS_CNN ;;
   t3resnet20) pair al_table3 resnet20fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
