@@ -193,7 +193,7 @@ def fit(
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
         means = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
-        mean_losses = {k: v for k, v in means.items() if k == "train_loss" or k.endswith("_loss")}
+        mean_losses = {k: v for k, v in means.items() if k.endswith("_loss")}  # train_loss, train_local_loss, ...
         nonfinite = [k for k, v in mean_losses.items() if not math.isfinite(v)]
         if bad is None and nonfinite:
             bad = f"mean {nonfinite[0]} of epoch {epoch + 1} is {mean_losses[nonfinite[0]]}"

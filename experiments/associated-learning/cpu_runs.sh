@@ -13,7 +13,7 @@
 #     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
 # Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py <records>.
-# Usage: experiments/associated-learning/cpu_runs.sh [step ...]
+# Usage: experiments/associated-learning/cpu_runs.sh [step ...]   (t56 runs seeds SEEDS_LAYERS, default "0 1 2")
 #   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
 # VGG (the authors' 6-conv VGG) is GPU-only here: one BP step at batch 32 took 1.3-1.9 s on one core.
 set -euo pipefail
