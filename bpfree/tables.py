@@ -73,7 +73,7 @@ def _not_run(spec: dict, row: str, col: str) -> str | None:
     return why.get(f"{row}/{col}") or why.get(row) or why.get(col)
 
 
-def _one_per_seed(records: list[dict]) -> tuple[list[dict], dict]:
+def one_per_seed(records: list[dict]) -> tuple[list[dict], dict]:
     """A cell averages over seeds, so it keeps one record per seed: the longest-trained, then the newest
     (a record written under an older naming scheme beside a rerun of the same cell would otherwise count
     twice). Returns the kept records and, per cell, how many were set aside."""
@@ -102,7 +102,7 @@ def build_table(paper: str, table: str, spec: dict, records: list[dict]) -> pd.D
     for r in records:
         if r["status"] == "unavailable":
             unavailable[(r["row"], r["column"])].append(r)
-    records, superseded = _one_per_seed([r for r in records if r["status"] != "unavailable"])
+    records, superseded = one_per_seed([r for r in records if r["status"] != "unavailable"])
     for r in records:
         key = (r["row"], r["column"], r["scale"])
         if r["status"] == "ok":
@@ -274,7 +274,7 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
         ]
         body = _markdown(df) if len(df) else "_no cells_"
         # the figures read the cells' records: status ok, one per seed (bpfree/plots.py)
-        pngs = render_figures(paper, table, spec, [r for r in _one_per_seed(ran)[0] if r["status"] == "ok"],
+        pngs = render_figures(paper, table, spec, [r for r in one_per_seed(ran)[0] if r["status"] == "ok"],
                               out) if plots else []
         figure = "\n" + "".join(f"\n![{_ALT.get(p.stem[len(stem.name):], p.stem[len(stem.name) + 2:])}]({p.name})\n"
                                  for p in pngs) if pngs else ""

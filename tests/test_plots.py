@@ -12,7 +12,7 @@ import pytest
 from bpfree import plots
 from bpfree.plots import FigureSpecError, render
 from bpfree.records import read_records
-from bpfree.tables import _one_per_seed, _records_for, load_specs
+from bpfree.tables import one_per_seed, _records_for, load_specs
 
 BASE = {"paper": "p", "table": "t", "scale": "cpu", "status": "ok", "name": "x", "seed": 0,
         "metrics": {"final": {}, "best": {}, "per_epoch": []}}
@@ -139,7 +139,7 @@ def _committed():
     for paper, tables in sorted(specs.items()):
         for table, spec in sorted(tables.items()):
             recs, _ = _records_for(paper, table, spec, by_table)
-            ok = [r for r in _one_per_seed([r for r in recs if r["status"] != "unavailable"])[0] if r["status"] == "ok"]
+            ok = [r for r in one_per_seed([r for r in recs if r["status"] != "unavailable"])[0] if r["status"] == "ok"]
             yield paper, table, spec, ok
 
 

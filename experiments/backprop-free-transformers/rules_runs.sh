@@ -7,7 +7,7 @@
 #            plain TP on 1 and 2 hidden layers (bpf_rules_source_tp_shallow): 1 epoch
 #   probe    experiments/backprop-free-transformers/tp_probe.py (TP's first 500 steps, measured)
 #   tune     bpf_rules_tune + bpf_rules_tune_kp: 1 epoch per learning rate, validation split, one seed
-#   tuned    bpf_rules_tuned(_kp): the chosen learning rates, 3 seeds, 5 epochs (as mnist_rules)
+#   tuned    bpf_rules_tuned(_kp): the chosen learning rates, 3 seeds, 20 epochs (the first records: 5)
 # Usage: experiments/backprop-free-transformers/rules_runs.sh [step ...]; then make tables and
 #        python experiments/backprop-free-transformers/rule_card.py
 set -euo pipefail
