@@ -1,0 +1,28 @@
+"""The rule card counts each seed once: a 5-epoch and a 20-epoch record of the same rule and seed (the
+rules_tuned budget was raised and the first records stay committed) give one run, the longer."""
+import importlib.util
+import shutil
+
+from conftest import ROOT
+
+BPF = ROOT / "results" / "records" / "backprop-free-transformers"
+
+
+def _card_module():
+    path = ROOT / "experiments" / "backprop-free-transformers" / "rule_card.py"
+    spec = importlib.util.spec_from_file_location("rule_card", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_longer_run_of_the_same_seed_replaces_the_shorter_one(tmp_path, monkeypatch):
+    for table in ("rules_tuned", "mnist_rules"):
+        (tmp_path / table).mkdir()
+    for name in ("bp-mlp-mnist-cpu-e5-s0.json", "bp-mlp-mnist-cpu-e20-s0.json"):
+        shutil.copy(BPF / "rules_tuned" / name, tmp_path / "rules_tuned" / name)
+    mod = _card_module()
+    monkeypatch.chdir(ROOT)  # reference.yaml, tables.yaml and the rules_tune records are read from the repo
+    monkeypatch.setattr(mod, "REC", tmp_path)
+    bp = next(line for line in mod.card().splitlines() if line.startswith("| bp |"))
+    assert "n=1," in bp and "20 epochs" in bp, bp
