@@ -1,10 +1,14 @@
 """The learning rate each rule is given in rules_tuned: the one with the best validation accuracy in the
 rules_tune records (data.val_split 0.1; the test set plays no part). Prints one line per rule.
 
-    python experiments/backprop-free-transformers/select_lr.py
+    python experiments/backprop-free-transformers/select_lr.py [--records DIR]
+
+DIR defaults to rules_tune's records; `--records results/records/backprop-free-transformers/rules_tune_kp20`
+gives kp's decay choice at the 20-epoch budget (its rows are kp_decay<d>, one lr each).
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -30,6 +34,8 @@ def choices(records: Path = RECORDS) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    for row, c in choices().items():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=Path, default=RECORDS, help="a folder of validation-split records")
+    for row, c in choices(ap.parse_args().records).items():
         grid = ", ".join(f"{lr:g}: {a:.4f}" for lr, a in sorted(c["grid"].items()))
         print(f"{row:16s} lr {c['lr']:g} (val_acc {c['val_acc']:.4f}; grid {grid})")
