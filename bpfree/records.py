@@ -169,10 +169,21 @@ def _override_key(o: str) -> tuple[str, str]:
     return key, value
 
 
+def _same_value(a: str, b: str) -> bool:
+    """Hydra's sweeper renders each swept number its own way (`1e-4` in the YAML reaches the job as
+    `method.decay=0.0001`), so numbers compare by value; anything else by its text."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
 def _in_grid(value: str, grid) -> bool:
     """Whether a swept value is one of a sweeper's `params` entry (a comma list such as 'bp,fa,kp')."""
     options = [str(g).strip() for g in grid] if isinstance(grid, (list, tuple)) else str(grid).split(",")
-    return value.strip() in [o.strip() for o in options]
+    return any(_same_value(value.strip(), o.strip()) for o in options)
 
 
 @dataclass

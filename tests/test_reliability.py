@@ -62,6 +62,22 @@ def test_only_an_experiment_at_its_own_settings_is_official():
     assert not identify(["method=fa"], {}).official  # no experiment at all
 
 
+def test_a_sweep_written_in_exponent_notation_stays_official():
+    """Hydra hands each job its swept value as it renders it (`1e-4` -> `0.0001`): that job is still the
+    experiment at its own settings; a value outside the grid is not."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    grid = {"method.decay": "0.0,1e-4,3e-4,1e-3", "method": "kp"}
+    (ov,) = OverridesParser.create().parse_overrides([f"method.decay={grid['method.decay']}"])
+    jobs = [f"method.decay={v}" for v in ov.sweep_string_iterator()]  # as hydra's BasicSweeper builds them
+    assert jobs[1] == "method.decay=0.0001"  # the rendering this test is about
+    for job in jobs:
+        ident = identify(["experiment=bpf_rules_tune_kp20", "method=kp", job], grid)
+        assert ident.official and ident.suffix == "", (job, ident.why_not)
+    assert not identify(["experiment=bpf_rules_tune_kp20", "method.decay=2e-4"], grid).official
+    assert not identify(["experiment=bpf_rules_tune_kp20", "method=kpx"], grid).official
+
+
 def test_every_experiment_sweep_gives_distinct_names():
     """An experiment's run_name shows every key its sweep varies (the name suffix leaves those out): from
     the grid's first point, changing any one swept key to any of its values changes the record's path."""
