@@ -13,22 +13,28 @@
 #     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
 # Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py <records>.
-# Usage: experiments/associated-learning/cpu_runs.sh [step ...]   (t56 runs seeds SEEDS_LAYERS, default "0 1 2")
+# Usage: experiments/associated-learning/cpu_runs.sh [step ...]   (t56 runs seeds SEEDS_LAYERS, default "0 1 2";
+#   the conv steps SEEDS_CNN, default 0)
 #   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
 # VGG (the authors' 6-conv VGG) is GPU-only here: one BP step at batch 32 took 1.3-1.9 s on one core.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=1
-EPOCHS_CNN_MNIST=${EPOCHS_CNN_MNIST:-1} EPOCHS_CNN=${EPOCHS_CNN:-3}
+EPOCHS_CNN_MNIST=${EPOCHS_CNN_MNIST:-20} EPOCHS_CNN=${EPOCHS_CNN:-3}
+# the conv steps run METHODS_CNN (default both; one per core: METHODS_CNN=bp ... & METHODS_CNN=al ...) at SEEDS_CNN
+METHODS_CNN=${METHODS_CNN:-bp al} SEEDS_CNN=${SEEDS_CNN:-0}
 EPOCHS_RESNET=${EPOCHS_RESNET:-1} EPOCHS_LAYERS=${EPOCHS_LAYERS:-10} SEEDS_LAYERS=${SEEDS_LAYERS:-0 1 2}
 # records_dir: these are CPU-budget overrides of the paper-scale experiments, so run.py would file them
 # as ad hoc (runs/); they are the committed cells, so ask for results/records explicitly
 CPU=(scale=cpu trainer.progress=false trainer.num_threads=1 trainer.resume=true optim.lr=1e-3 records_dir=results/records)
 run() { echo "== $(date +%T) $*"; /usr/bin/time -f "wall %e s" nice -n 10 "$PY" run.py "$@" "${CPU[@]}"; }
 # BP and AL on one conv model (AL's lower bridges pooled to 4x4); $1 = table experiment, $2 = model, rest = overrides
-pair() { local exp=$1 model=$2; shift 2
-  run experiment=$exp method=bp model=$model "$@"
-  run experiment=$exp method=al model=$model method.bridge_pool=4 "$@"; }
+pair() { local exp=$1 model=$2 seed m; shift 2
+  for seed in $SEEDS_CNN; do for m in $METHODS_CNN; do case $m in
+    bp) run experiment=$exp method=bp model=$model seed=$seed "$@" ;;
+    al) run experiment=$exp method=al model=$model method.bridge_pool=4 seed=$seed "$@" ;;
+    *) echo "METHODS_CNN: unknown method $m (bp, al)"; exit 2 ;;
+  esac; done; done; }
 steps=("${@:-t2mlp t3mlp features_mlp t56 t3cnn features_cnn t2cnn t3resnet20 t3resnet32}")
 for s in ${steps[@]}; do case $s in
   t2mlp) nice -n 10 "$PY" run.py -m experiment=al_table2_cpu trainer.resume=true ;;
