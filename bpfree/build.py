@@ -68,6 +68,7 @@ def build(c: dict, data: Splits | None = None) -> Built:
     tr, ds = c["trainer"], c["dataset"]
     if tr["num_threads"]:
         torch.set_num_threads(tr["num_threads"])
+    torch.set_flush_denormal(tr["flush_denormal"])  # process-wide; conf/trainer/default.yaml says why
     seed_everything(c["seed"], tr["deterministic"])
     device = pick_device(tr["device"])
     if data is None:

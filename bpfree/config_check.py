@@ -103,6 +103,7 @@ TRAINER: dict[str, Any] = {
     "epochs": Int(min=1), "batch_size": Int(min=1), "eval_batch_size": Int(min=1),
     "staleness": Int(min=0, null=True),  # trainer.parallel: steps a backward message is late
     "device": Str(), "resume": Bool(), "deterministic": Bool(), "num_threads": Int(min=1, null=True),
+    "flush_denormal": Bool(),
     "progress": Bool(), "check_every": Int(min=1), "probe_size": Int(min=1),
     "max_steps_per_epoch": Int(min=1, null=True), "keep_checkpoints": Bool(),
     "parallel": Choice(("sequential", "threads", "processes"), null=True), "stages": Int(min=1),

@@ -120,7 +120,10 @@ def environment(device: torch.device) -> dict:
 # epochs), how it is watched, and where it writes. They are left out of a record's name, of the resume
 # fingerprint and of the "same configuration?" test below. BUDGET is the part that says how long.
 BUDGET = ("trainer.epochs", "scales")  # scales: an experiment's budget per scale (conf/scale/)
+# trainer.flush_denormal is how the CPU computes (as num_threads and device are): it only zeroes values
+# below 1.2e-38, so a run started before it existed resumes with it and keeps its name
 RESUMABLE = (*BUDGET, "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.device",
+             "trainer.flush_denormal",
              "trainer.keep_checkpoints", "logger", "records_dir", "checkpoint_dir", "run_name",
              # where the (checksummed) data is read from and cached, not what it is
              "data.root", "data.cache_dir", "data.download")

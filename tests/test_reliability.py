@@ -389,6 +389,30 @@ def test_a_setting_added_later_at_its_old_behaviour_keeps_checkpoints_resumable(
     assert config_fingerprint({**c, "trainer": {**c["trainer"], "dist_backend": "gloo"}}) != config_fingerprint(c)
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_zeroes_subnormal_arithmetic_and_keeps_a_run_resumable(compose_run, flush):
+    """trainer.flush_denormal (default on) makes CPU arithmetic treat subnormals as 0 (saturated sigmoids
+    emit them, and they made AL's CNN step ~6x slower); off, a subnormal survives a multiplication. It is
+    how the CPU computes, not what is trained: a run started before the key existed resumes with it and
+    keeps its name."""
+    from omegaconf import OmegaConf
+
+    from bpfree.build import build
+    from bpfree.records import config_fingerprint
+
+    cfg = compose_run(["data.subset=64", "data.test_subset=32", f"trainer.flush_denormal={flush}"])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        build(c)
+        product = (torch.tensor([1e-39]) * torch.tensor([1.0])).item()  # 1e-39 is subnormal in float32
+        assert (product == 0.0) == flush, product
+    finally:
+        torch.set_flush_denormal(False)  # process-wide: leave the other tests torch's default
+    before = {**c, "trainer": {k: v for k, v in c["trainer"].items() if k != "flush_denormal"}}
+    assert config_fingerprint(before) == config_fingerprint(c)
+    assert identify(["experiment=al_table2_cpu", f"trainer.flush_denormal={flush}"], {}).official
+
+
 def test_a_record_names_the_commit_its_process_started_from(tmp_path):
     """The commit is read when the code is imported: a checkout that moves on while a run trains (a merge
     mid-run) does not relabel the record with code that did not run."""
