@@ -263,6 +263,11 @@ class Engine:
 
     def _threads(self, first_inputs: Iterable[tuple], max_steps: int | None) -> list[dict]:
         k_stages, d = len(self.stages), self.staleness
+        # OpenMP's thread count is per thread: a new thread starts at the machine default, not at
+        # trainer.num_threads (torch ops do not change that), so stages oversubscribed the cores and, under
+        # load, summed differently from the caller (threads vs sequential weights stopped matching bit for
+        # bit). Each stage adopts the caller's count.
+        n_threads = torch.get_num_threads()
         qs = [queue.Queue(maxsize=self.queue_size) for _ in range(k_stages + 1)]
         backs = [queue.Queue() for _ in range(k_stages)]  # stage k's inbox from stage k+1: (batch, tensors)
         scalars: list[dict[int, dict]] = [{} for _ in range(k_stages)]
@@ -294,6 +299,7 @@ class Engine:
             return got[1]
 
         def worker(k: int) -> None:
+            torch.set_num_threads(n_threads)
             st, done = self.stages[k], 0
             try:
                 while True:

@@ -225,3 +225,47 @@ def test_measuring_stage_costs_leaves_the_random_stream_alone():
     before = torch.get_rng_state()
     build_engine(rule, torch.optim.SGD(rule.parameters(), lr=0.1), "sequential", 2, (data.train.x, data.train.y))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def _openmp():
+    """The OpenMP runtime torch loaded (ctypes), or None: torch.get_num_threads() cannot show a thread's own
+    OpenMP setting, which is what its kernels use."""
+    import ctypes
+
+    try:
+        maps = open("/proc/self/maps").read().split()
+    except OSError:
+        return None
+    libs = sorted({p for p in maps if "libgomp" in p or "libiomp" in p})
+    return ctypes.CDLL(libs[0]) if libs else None
+
+
+def test_stage_threads_compute_at_the_callers_intra_op_thread_count():
+    """torch's intra-op thread count is per thread in OpenMP: a new thread starts at the machine default,
+    not at trainer.num_threads, even after torch ops. A stage thread must adopt the caller's; without that,
+    threads and sequential schedules stopped giving the same weights bit for bit on a loaded machine."""
+    import os
+
+    from torch import nn
+
+    from bpfree.parallel import Engine, StageDef, StagedOptimizers
+
+    omp = _openmp()
+    if omp is None:
+        pytest.skip("no OpenMP runtime loaded by torch in this process")
+    seen: list[int] = []
+    lin = nn.Linear(2, 2)
+
+    def forward_backward(inputs):
+        seen.append(omp.omp_get_max_threads())
+        return inputs, {}
+
+    stages = [StageDef([lin.weight], forward_backward, "a"), StageDef([lin.bias], forward_backward, "b")]
+    engine = Engine(stages, StagedOptimizers(torch.optim.SGD(lin.parameters(), lr=0.0), stages), "threads")
+    before, wanted = torch.get_num_threads(), (os.cpu_count() or 1) + 1  # never a new thread's default
+    try:
+        torch.set_num_threads(wanted)
+        engine.run_epoch([(torch.zeros(1, 2),)] * 3)
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 6 and set(seen) == {wanted}, seen
