@@ -231,12 +231,15 @@ def _openmp():
     """The OpenMP runtime torch loaded (ctypes), or None: torch.get_num_threads() cannot show a thread's own
     OpenMP setting, which is what its kernels use."""
     import ctypes
+    import os
 
     try:
         maps = open("/proc/self/maps").read().split()
     except OSError:
         return None
     libs = sorted({p for p in maps if "libgomp" in p or "libiomp" in p})
+    # other packages (scikit-learn) bring their own copy; torch's kernels use the one under torch/
+    libs = [p for p in libs if p.startswith(os.path.dirname(torch.__file__))] or libs
     return ctypes.CDLL(libs[0]) if libs else None
 
 
