@@ -27,12 +27,13 @@ default style, so the same records give byte-identical files.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from bpfree import atomic
 
 DIMS = ("row", "column", "scale", "key", "prefix", "layer", "group")
 COMMON = {"kind", "name", "title", "rows", "columns", "labels", "panels", "lines", "groups", "xlabel", "ylabel",
@@ -58,11 +59,9 @@ def _pyplot():
 def save(fig, path: Path) -> Path:
     """Write atomically (tmp + rename) and reproducibly (no version or date in the PNG)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     _pyplot().close(fig)
-    os.replace(tmp, path)
     return path
 
 

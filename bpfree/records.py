@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from bpfree import atomic
+
 SCHEMA_VERSION = 1
 REQUIRED = {
     "schema": int, "paper": str, "table": str, "row": str, "column": str, "name": str,
@@ -58,14 +60,11 @@ def validate(record: dict) -> dict:
 def write_record(record: dict, path: Path) -> Path:
     validate(record)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1, sort_keys=False, allow_nan=False)
         f.write("\n")
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.fsync(f.fileno())  # on disk before the rename: a crash then leaves the old record or the new
     return path
 
 

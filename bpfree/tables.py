@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from bpfree import atomic
 from bpfree.plots import render as render_figures
 from bpfree.records import read_records
 
@@ -169,12 +169,6 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, but a key repeated in one mapping is an error: a repeated paper or table block
     would otherwise silently replace the first."""
@@ -251,8 +245,8 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
         recs, sources = _records_for(paper, table, spec, by_table)
         df = build_table(paper, table, spec, recs)
         stem = out / f"{paper}__{table}"
-        df.to_csv(stem.with_suffix(".csv.tmp"), index=False)
-        os.replace(stem.with_suffix(".csv.tmp"), stem.with_suffix(".csv"))
+        with atomic.replacing(stem.with_suffix(".csv")) as tmp:
+            df.to_csv(tmp, index=False)
         ran = [r for r in recs if r["status"] != "unavailable"]
         n_runs = len(ran)
         missing = len(recs) - n_runs
@@ -278,7 +272,7 @@ def render_all(records_dir="results/records", reference=DEFAULT_REFERENCE, out_d
                               out) if plots else []
         figure = "\n" + "".join(f"\n![{_ALT.get(p.stem[len(stem.name):], p.stem[len(stem.name) + 2:])}]({p.name})\n"
                                  for p in pngs) if pngs else ""
-        _atomic_write(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
+        atomic.write_text(stem.with_suffix(".md"), "\n".join(header) + body + figure + "\n")
         written.append(stem.with_suffix(".md"))
     return written
 

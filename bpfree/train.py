@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from bpfree import atomic
 from bpfree.data import Splits
 from bpfree.rules import LearningRule
 
@@ -62,13 +62,6 @@ def noam(d_model: int, warmup: int):
         return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
 
     return factor
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _staged_epoch(engine, batches_iter, max_steps):
@@ -221,7 +214,7 @@ def fit(
                 # must not lose the best weights)
                 drop_best = best_ckpt is not None and best_ckpt.exists()
             elif best_ckpt is not None and not best_ckpt.exists() and best_state is not None:
-                _atomic_torch_save(best_state, best_ckpt)
+                atomic.torch_save(best_state, best_ckpt)
         diag = rule.diagnostics(probe_x, probe_y)
         entry = {"epoch": epoch + 1, **means, **metrics, **diag,
                  "epoch_train_seconds": time.perf_counter() - t0}
@@ -231,7 +224,7 @@ def fit(
         shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items() if k != "epoch" and isinstance(v, float))
         print(f"epoch {epoch + 1}/{epochs}: {shown}", flush=True)
         if ckpt is not None:
-            _atomic_torch_save({
+            atomic.torch_save({
                 "rule": rule.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,

@@ -81,10 +81,12 @@ def test_cifar_from_pickled_batches(tmp_path, name, folder, files, key):
     assert corr > 0.999
 
 
-def test_cifar10_jpeg_from_tar_of_class_folders(tmp_path):
+def _write_jpeg_archive(root, classes=("airplane", "automobile", "bird")) -> None:
+    """cifar10_jpeg's real format: a tar.gz of {train,test}/<class>/*.jpg, 4 train and 2 test images
+    per class, every pixel of class k at 40 * k."""
     from torchvision.io import encode_jpeg
 
-    classes = ["airplane", "automobile", "bird"]
+    classes = list(classes)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for split, n in (("train", 4), ("test", 2)):
@@ -95,8 +97,12 @@ def test_cifar10_jpeg_from_tar_of_class_folders(tmp_path):
                     info = tarfile.TarInfo(f"{split}/{c}/{i:04d}.jpg")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
-    (tmp_path / "cifar10-jpeg").mkdir()
-    (tmp_path / "cifar10-jpeg" / "cifar10-jpeg.tar.gz").write_bytes(buf.getvalue())
+    (root / "cifar10-jpeg").mkdir()
+    (root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz").write_bytes(buf.getvalue())
+
+
+def test_cifar10_jpeg_from_tar_of_class_folders(tmp_path):
+    _write_jpeg_archive(tmp_path)
     d = load_dataset("cifar10_jpeg", tmp_path, tmp_path / "cache")
     assert d.train.x.shape == (12, 3, 32, 32) and d.test.x.shape == (6, 3, 32, 32)
     assert sorted(d.train.y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4  # alphabetical class folders
@@ -108,6 +114,28 @@ def test_cifar10_jpeg_from_tar_of_class_folders(tmp_path):
     assert list((tmp_path / "cache").glob("cifar10_jpeg-*.pt")), "decoded tensors are cached"
     again = load_dataset("cifar10_jpeg", tmp_path, tmp_path / "cache")
     assert torch.equal(again.train.x, d.train.x)
+
+
+def test_two_runs_building_the_jpeg_cache_at_once_both_load(tmp_path, monkeypatch):
+    """Runs of one sweep (joblib launcher) or two CPU lanes share data.cache_dir, and the first runs to
+    need cifar10_jpeg extract it together. Here a second run extracts and finishes in the middle of the
+    first one's extraction (after its files are out, before its rename); both must load the same data
+    and leave no half-extracted folder behind."""
+    _write_jpeg_archive(tmp_path)
+    cache = tmp_path / "cache"
+    real_extractall, others = tarfile.TarFile.extractall, []
+
+    def extract_then_let_another_run_finish(self, *args, **kwargs):
+        real_extractall(self, *args, **kwargs)
+        if not others:  # the other run: a whole load, start to finish, on the same cache
+            others.append(None)
+            others[0] = load_dataset("cifar10_jpeg", tmp_path, cache)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract_then_let_another_run_finish)
+    first = load_dataset("cifar10_jpeg", tmp_path, cache)
+    assert torch.equal(first.train.x, others[0].train.x) and torch.equal(first.test.y, others[0].test.y)
+    leftovers = [p.name for p in cache.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary folders left in the cache: {leftovers}"
 
 
 def test_missing_dataset_names_path_and_fix(tmp_path):

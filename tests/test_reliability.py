@@ -257,13 +257,13 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 import torch
 from bpfree.records import write_record
-from bpfree.train import _atomic_torch_save
+from bpfree.atomic import torch_save
 from tests.test_tables import _rec
 i = 0
 while True:
     r = _rec(0, 0.5); r["metrics"]["per_epoch"] = [{{"epoch": j, "test_acc": 0.5}} for j in range(i % 2000)]
     write_record(r, Path({rec!r}))
-    _atomic_torch_save({{"i": i, "w": torch.randn(20000)}}, Path({ckpt!r}))
+    torch_save({{"i": i, "w": torch.randn(20000)}}, Path({ckpt!r}))
     i += 1
     if i == 3: print("ready", flush=True)
 """
@@ -280,6 +280,24 @@ def test_kill_while_writing_leaves_the_old_file_intact(tmp_path):
         proc.wait()
         json.loads(rec.read_text())  # a whole record, never half of one
         assert torch.load(ckpt)["w"].shape == (20000,)
+
+
+def test_writers_of_one_file_never_share_a_temporary_and_a_failed_write_changes_nothing(tmp_path):
+    """Processes sharing a folder (a data cache under a joblib sweep) may write one file at once: each
+    writes its own temporary, the last rename wins whole, and an error mid-write leaves the old file."""
+    from bpfree import atomic
+
+    path = tmp_path / "cache" / "entry.json"
+    with atomic.replacing(path) as a, atomic.replacing(path) as b:
+        assert a != b and a.parent == b.parent == path.parent
+        a.write_text("from a")
+        b.write_text("from b")
+    assert path.read_text() == "from a"  # the outer block renamed last
+    with pytest.raises(ZeroDivisionError), atomic.replacing(path) as c:
+        c.write_text("half")
+        1 / 0
+    assert path.read_text() == "from a"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["entry.json"], "no temporary left behind"
 
 
 def test_kill_9_in_epoch_2_then_resume_gives_the_same_record(compose_run, tmp_path):

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from bpfree import atomic
 from bpfree.data.batching import Splits, TensorData
 from bpfree.data.verify import verify_files
 from bpfree.data.vision import DatasetUnavailable
@@ -159,7 +160,7 @@ def train_tokenizer(texts: list[str], cache_dir: Path, key: dict, vocab_size: in
     model = prefix.with_suffix(".model")
     if not model.exists():
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = prefix.parent / f"{prefix.name}.tmp"
+        tmp = atomic.temporary_beside(prefix)  # two runs sharing the cache may train it at once
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_prefix=str(tmp), vocab_size=vocab_size,
             model_type=model_type, character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=BOS,

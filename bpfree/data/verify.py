@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from bpfree import atomic
 
 SUMS = "SHA256SUMS"
 
@@ -73,10 +74,7 @@ def verify_files(root, relpaths, cache_dir=None) -> None:
         memo[stamp] = got
         changed = True
     if changed and memo_path is not None:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(memo, indent=0))
-        os.replace(tmp, memo_path)
+        atomic.write_text(memo_path, json.dumps(memo, indent=0))
 
 
 def verify_all(root) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bpfree import atomic
 from bpfree.data.batching import Splits, TensorData
 from bpfree.data.verify import CorruptData, verify_files
 
@@ -133,11 +134,18 @@ def _jpeg_folder_read(archive: str, name: str) -> Callable:
             return _interleave(d["x_train"], d["y_train"]) + _interleave(d["x_test"], d["y_test"])
         out = cache / f"{name}-{stamp}"
         if not (out / "test").is_dir():
-            tmp = cache / f"{name}-{stamp}.extracting"
-            tmp.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(src) as tf:
-                tf.extractall(tmp, filter="data")
-            os.replace(tmp, out)
+            # two runs sharing the cache may both get here: each extracts into its own folder, the
+            # first rename wins, and a loser whose rename finds the folder complete uses the winner's
+            tmp = atomic.temporary_beside(out)
+            try:
+                with tarfile.open(src) as tf:
+                    tf.extractall(tmp, filter="data")
+                os.replace(tmp, out)
+            except OSError:
+                if not (out / "test").is_dir():
+                    raise
+            finally:
+                atomic.remove(tmp)
         from torchvision.datasets import ImageFolder
         from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -146,7 +154,7 @@ def _jpeg_folder_read(archive: str, name: str) -> Callable:
             folder = ImageFolder(str(out / split))
             x = torch.stack([decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in folder.samples])
             arrays += [x, torch.tensor(folder.targets, dtype=torch.int64)]
-        _atomic_save(dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)), tensors)
+        atomic.torch_save(dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)), tensors)
         return _interleave(*arrays[:2]) + _interleave(*arrays[2:])
 
     return read
@@ -157,13 +165,6 @@ def _interleave(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     samples (data.subset, data.test_subset) hold every class, as in the original CIFAR pickles."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     return x[order], y[order]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 _mnist_read, _mnist_dl = _torchvision_idx("MNIST")
