@@ -214,6 +214,27 @@ def test_class_distances_match_their_definition():
     assert d["ratio"] == pytest.approx(5.0)
 
 
+def test_table7_describes_the_networks_table3_shows(tmp_path):
+    """figures.py --table3 MODEL extracts, per method, the run Table 3 keeps for the seed (the longest),
+    so Table 7's distances belong to the same networks as the accuracies beside them; Table 7 has BP and
+    AL rows only, and other models and seeds are left alone."""
+    from bpfree.records import write_record
+    from tests.test_tables import _rec
+
+    def rec(method, model, seed, epochs, name):
+        r = _rec(seed, 0.5, row=model, column=method)
+        r.update(paper="associated-learning", table="table3", method=method, model=model, name=name)
+        r["metrics"]["per_epoch"] = [{"epoch": e + 1, "test_acc": 0.5} for e in range(epochs)]
+        return write_record(r, tmp_path / "associated-learning" / "table3" / f"{name}.json")
+
+    long_bp, _, long_al = rec("bp", "cnn", 0, 20, "bp-new"), rec("bp", "cnn", 0, 3, "bp-old"), rec("al", "cnn", 0, 20, "al-new")
+    rec("al", "cnn", 0, 3, "al-old"), rec("dtp", "cnn", 0, 50, "dtp"), rec("bp", "cnn", 1, 30, "bp-s1")
+    rec("bp", "mlp", 0, 60, "bp-mlp")
+    assert sorted(_figures().shown_in_table3("cnn", 0, tmp_path)) == sorted([long_bp, long_al])
+    with pytest.raises(SystemExit, match="no finished Table 3 record of model 'vgg'"):
+        _figures().shown_in_table3("vgg", 0, tmp_path)
+
+
 # ---- issue 12: AL on ResNet-20 predicted a constant (0.1000) -------------------------------------
 def _class_spread(rule) -> list[float]:
     """Per target level t_1..t_L: std over the classes (mean over units) of the encoders' codes."""

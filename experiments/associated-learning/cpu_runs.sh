@@ -12,7 +12,7 @@
 #     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
 #     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
-# Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py <records>.
+# Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py --table3 <mlp|cnn> (the runs Table 3 shows).
 # Usage: experiments/associated-learning/cpu_runs.sh [step ...]   (t56 runs seeds SEEDS_LAYERS, default "0 1 2";
 #   the conv steps SEEDS_CNN, default 0)
 #   steps: t2mlp t56 t3mlp features_mlp t3cnn features_cnn t2cnn t3resnet20 t3resnet32
@@ -49,6 +49,6 @@ for s in ${steps[@]}; do case $s in
   t3resnet20) pair al_table3 resnet20fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
   t3resnet32) pair al_table3 resnet32fc dataset=cifar10_jpeg trainer.epochs=$EPOCHS_RESNET ;;
   features_mlp|features_cnn)
-         nice -n 10 "$PY" experiments/associated-learning/figures.py results/records/associated-learning/table3/{bp,al}-${s#features_}-cifar10_jpeg-s0.json ;;
+         nice -n 10 "$PY" experiments/associated-learning/figures.py --table3 ${s#features_} 0 ;;  # the runs Table 3 shows
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

@@ -118,9 +118,32 @@ def extract(record_path: str | Path, records_dir: str | Path = "results/records"
     return write_record(derived, rec_path(records_dir, rec["paper"], "table7", rec["name"]))
 
 
+def shown_in_table3(model: str, seed: int = 0, records_dir: str | Path = "results/records") -> list[Path]:
+    """The Table 3 records of `model` (its config name: mlp, cnn) at `seed` that Table 3 shows, one each
+    for BP and AL (Table 7's rows): the longest-trained, as `make tables` keeps them
+    (bpfree.tables.one_per_seed), so Table 7 describes the same networks as the accuracy beside it."""
+    from bpfree.records import validate
+    from bpfree.tables import one_per_seed
+
+    runs = []
+    for p in sorted((Path(records_dir) / "associated-learning" / "table3").glob("*.json")):
+        r = validate(json.loads(p.read_text()))
+        if r["model"] == model and r["seed"] == seed and r["status"] == "ok" and r["method"] in ("bp", "al"):
+            runs.append({**r, "_path": p})
+    kept, _ = one_per_seed(runs)
+    if not kept:
+        raise SystemExit(f"no finished Table 3 record of model {model!r}, seed {seed} under {records_dir}")
+    return [r["_path"] for r in kept]
+
+
+USAGE = ("usage: python experiments/associated-learning/figures.py RECORD.json [...] | --table3 MODEL [SEED]\n"
+         "(after training, while the runs' checkpoints exist; --table3 takes the records Table 3 shows; "
+         "`make tables` then draws Figures 5-6 from the table7 records)")
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python experiments/associated-learning/figures.py RECORD.json [...]   (after training; "
-                         "`make tables` then draws Figures 5-6 from the table7 records)")
-    for p in sys.argv[1:]:
+    args = sys.argv[1:]
+    if not args or (args[0] == "--table3" and len(args) not in (2, 3)):
+        raise SystemExit(USAGE)
+    todo = shown_in_table3(args[1], int(args[2]) if len(args) == 3 else 0) if args[0] == "--table3" else args
+    for p in todo:
         print(f"wrote {extract(p)}")
