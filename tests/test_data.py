@@ -128,7 +128,7 @@ def test_two_runs_building_the_jpeg_cache_at_once_both_load(tmp_path, monkeypatc
     def extract_then_let_another_run_finish(self, *args, **kwargs):
         real_extractall(self, *args, **kwargs)
         if not others:  # the other run: a whole load, start to finish, on the same cache
-            others.append(None)
+            others.append(None)  # first, so the other run's own extraction does not start a third
             others[0] = load_dataset("cifar10_jpeg", tmp_path, cache)
 
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract_then_let_another_run_finish)
