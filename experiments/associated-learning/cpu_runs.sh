@@ -10,7 +10,8 @@
 #     (method.bridge_pool=4);
 #   - the full training sets (60000 MNIST / 50000 cifar10_jpeg images) and the full test sets, for the epochs
 #     set below per step (EPOCHS_* override them), Adam lr 1e-3 for BP, AL and DTP alike (1e-4, the paper's,
-#     leaves AL near chance for the first few hundred steps: its sigmoid t side starts slowly);
+#     leaves AL at chance for its first epoch: its sigmoid t side starts slowly; but on the CNN AL then
+#     overtakes BP at 1e-4 while at 1e-3 its task loss rises: step t3cnn_lr, table3_cnn_lr);
 #   - CIFAR-10 cells on cifar10_jpeg (lossy JPEG copy; real CIFAR-10 is not available offline).
 # Then Table 7 / Figures 5-6 features from the CIFAR checkpoints: python experiments/associated-learning/figures.py --table3 <mlp|cnn> (the runs Table 3 shows).
 # Usage: experiments/associated-learning/cpu_runs.sh [step ...]   (t56 runs seeds SEEDS_LAYERS, default "0 1 2";
